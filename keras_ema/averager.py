@@ -1,0 +1,481 @@
+"""The exponential moving average of a set of variables.
+
+`ExponentialMovingAverage` owns the shadow variables and nothing else: it
+knows how to update them from the variables they shadow and how to swap them
+into those variables exactly. It knows nothing about Keras training loops;
+`EMAOptimizer` and the callbacks adapt it to Keras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ema import schedules
+
+INITS = ("weights", "first_step")
+SHADOW_DTYPES = ("float32", "float64")
+
+
+def variable_path(variable) -> str:
+    """The path that names a variable: Keras's `path`, else the TF name."""
+    path = getattr(variable, "path", None)
+    if path is None:
+        path = variable.name.split(":")[0]
+    return path
+
+
+def _tf_variable(variable) -> tf.Variable:
+    """The `tf.Variable` behind a Keras variable (or the variable itself)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _variable_key(variable) -> int:
+    """A key that identifies a variable, the same for all its replicas."""
+    variable = _tf_variable(variable)
+    container = getattr(variable, "_distributed_container", None)
+    if container is not None:
+        variable = container()
+    return id(variable)
+
+
+def _shadow_update(shadow, weight, rate):
+    """`shadow -= rate * (shadow - weight)`, as one fused kernel.
+
+    `ResourceApplyGradientDescent` computes `var -= alpha * delta` in a single
+    pass over memory (and XLA lowers it to the same fused loop), which saves a
+    full read and write of a temporary against `assign_sub(rate * delta)`.
+    """
+    delta = shadow - tf.cast(weight, shadow.dtype)
+    return tf.raw_ops.ResourceApplyGradientDescent(
+        var=shadow.handle, alpha=rate, delta=delta
+    )
+
+
+def _shadow_copy(shadow, weight):
+    return shadow.assign(tf.cast(weight, shadow.dtype))
+
+
+class ExponentialMovingAverage(tf.Module):
+    """Exponential moving average of variables, kept in shadow variables.
+
+    At step t (the number of updates applied, the current one included) the
+    shadow of each variable w moves as
+
+        shadow <- shadow - (1 - D) * (shadow - w)
+
+    where D is the decay over the steps since the last update. Schedules see
+    the step counted from `start_step`, s = t - start_step; for s <= 0 the
+    shadow is set to the weights. With `update_every=k` the shadows move only
+    when s is a multiple of k, with D the product of the k per-step decays
+    (in closed form where the schedule has one), so the averaging window is
+    the same as with k = 1.
+
+    The update is one fused expression per variable with the decay computed
+    once per step. It works eagerly, inside `tf.function` (with or without
+    `jit_compile=True`), and in the replica or cross-replica context of a
+    `tf.distribute` strategy, where the shadows are mirrored like the
+    variables they shadow.
+
+    Shadows of float16 and bfloat16 variables are kept in float32 (or
+    `shadow_dtype`); float64 variables keep float64 shadows. Swapping the
+    shadows into the variables (`swap_in`, `swap_out`, `swapped`) keeps the
+    raw values aside and restores them bit for bit.
+
+    Args:
+        decay: Float in [0, 1] (a constant decay) or a
+            `keras_ema.schedules.DecaySchedule`.
+        update_every: Positive int. Update the shadows every this many steps.
+        start_step: Non-negative int. Until this step the shadows copy the
+            variables.
+        init: `"weights"`: shadows start as a copy of the variables when built
+            (the `tf.train.ExponentialMovingAverage` convention).
+            `"first_step"`: the first update copies the variables (the
+            convention of Keras's `use_ema=True`).
+        shadow_dtype: `"float32"` or `"float64"`: the narrowest dtype a shadow
+            is kept in.
+        name: Name of the average; prefixes the shadows' paths.
+
+    Example:
+
+    ```python
+    ema = keras_ema.ExponentialMovingAverage(decay=0.999)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        ema.apply(model.trainable_variables)
+
+    with ema.swapped():
+        model.evaluate(x_val, y_val)
+    ```
+    """
+
+    def __init__(
+        self,
+        decay: float | schedules.DecaySchedule = 0.999,
+        update_every: int = 1,
+        start_step: int = 0,
+        init: str = "weights",
+        shadow_dtype: str = "float32",
+        name: str = "ema",
+    ):
+        schedule = schedules.get(decay)
+        _check_int("update_every", update_every, minimum=1)
+        _check_int("start_step", start_step, minimum=0)
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
+        if shadow_dtype not in SHADOW_DTYPES:
+            raise ValueError(
+                f"`shadow_dtype` must be one of {SHADOW_DTYPES}, "
+                f"got {shadow_dtype!r}."
+            )
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(
+                f"`name` must be a non-empty string without '/', got {name!r}."
+            )
+        super().__init__(name=name)
+        self.schedule = schedule
+        self.update_every = int(update_every)
+        self.start_step = int(start_step)
+        self.init = init
+        self.shadow_dtype = shadow_dtype
+        self.built = False
+        self._set_untracked(
+            _averaged=[], _shadows=[], _index={}, _raw_values=None, _strategy=None
+        )
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def _set_untracked(self, **attributes):
+        # The averaged variables belong to the model and the raw values are
+        # transient: neither may become a checkpoint dependency of the average.
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, variables: Sequence) -> None:
+        """Creates the shadows of `variables` and the step counter.
+
+        Call it under the `tf.distribute` strategy's scope that owns the
+        variables (outside `strategy.run`); `apply` builds lazily otherwise.
+
+        Args:
+            variables: The floating-point variables to average, each with a
+                distinct path.
+        """
+        if self.built:
+            raise ValueError(
+                f"ExponentialMovingAverage {self.name!r} is already built on "
+                f"{len(self._averaged)} variables."
+            )
+        variables = _check_variables(variables)
+        strategy = tf.distribute.get_strategy()
+        shadows = {}
+        # The initial values are read eagerly so that building on the first
+        # trace of a tf.function creates ordinary, initialised variables.
+        with tf.init_scope(), keras.name_scope(self.name):
+            self.step = keras.Variable(
+                0,
+                dtype="int64",
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
+                name="step",
+            )
+            for variable in variables:
+                path = variable_path(variable)
+                dtype = _shadow_dtype(variable.dtype, self.shadow_dtype)
+                with contextlib.ExitStack() as scopes:
+                    *parents, leaf = path.split("/")
+                    for parent in parents:
+                        scopes.enter_context(keras.name_scope(parent))
+                    # A snapshot of the value: `tf.cast` passes a variable of
+                    # the same dtype through, which would alias the weight.
+                    initial = tf.convert_to_tensor(_tf_variable(variable))
+                    shadows[path] = keras.Variable(
+                        tf.cast(initial, dtype),
+                        dtype=dtype,
+                        trainable=False,
+                        autocast=False,
+                        aggregation="only_first_replica",
+                        name=leaf,
+                    )
+        self._set_untracked(
+            _averaged=variables,
+            _shadows=[shadows[variable_path(v)] for v in variables],
+            _index={_variable_key(v): i for i, v in enumerate(variables)},
+            _strategy=strategy,
+        )
+        # A dict keyed by path, so that checkpoints match shadows to their
+        # variables by name rather than by position.
+        self.shadows_by_path = shadows
+        self.built = True
+
+    # ----------------------------------------------------------------- access
+
+    @property
+    def averaged_variables(self) -> list:
+        """The variables being averaged, in build order."""
+        return list(self._averaged)
+
+    @property
+    def shadows(self) -> list:
+        """The shadow variables, aligned with `averaged_variables`."""
+        return list(self._shadows)
+
+    @property
+    def variables(self) -> list:
+        """All state: the step counter, then the shadows."""
+        if not self.built:
+            return []
+        return [self.step] + self._shadows
+
+    def average(self, variable):
+        """Returns the shadow variable holding the average of `variable`.
+
+        Raises:
+            ValueError: if the average is not built or `variable` is not one
+                of the averaged variables.
+        """
+        self._check_built("average")
+        index = self._index.get(_variable_key(variable))
+        if index is None:
+            raise ValueError(
+                f"`variable` {variable_path(variable)!r} is not averaged by "
+                f"{self.name!r}. Averaged: "
+                f"{[variable_path(v) for v in self._averaged][:10]}..."
+            )
+        return self._shadows[index]
+
+    def decay_at(self, step) -> tf.Tensor:
+        """The per-step decay the schedule gives at optimizer step `step`."""
+        s = tf.cast(step, tf.int64) - self.start_step
+        return self.schedule(tf.maximum(s, 1))
+
+    # ----------------------------------------------------------------- update
+
+    def apply(self, variables: Sequence | None = None) -> None:
+        """Counts one step and updates the shadows from `variables`.
+
+        For custom training loops: call it right after the optimizer's
+        update, inside the same `tf.function`. It builds the shadows on the
+        first call.
+
+        Args:
+            variables: The variables to average (on the first call), or the
+                same variables again. May be omitted once built.
+        """
+        if not self.built:
+            if variables is None:
+                raise ValueError(
+                    "The first call to `apply` needs `variables` to build the "
+                    "shadows, e.g. `ema.apply(model.trainable_variables)`."
+                )
+            in_replica = tf.distribute.get_replica_context() is not None
+            if tf.distribute.has_strategy() and in_replica:
+                raise ValueError(
+                    "Build the average under `strategy.scope()` before "
+                    "`strategy.run`: `ema.build(model.trainable_variables)`."
+                )
+            self.build(variables)
+        elif variables is not None:
+            variables = list(variables)
+            if [_variable_key(v) for v in variables] != [
+                _variable_key(v) for v in self._averaged
+            ]:
+                raise ValueError(
+                    "`variables` must be the variables the average was built "
+                    f"on ({len(self._averaged)} variables), in the same order."
+                )
+        self.update()
+
+    def update(self, step=None) -> None:
+        """Updates the shadows for optimizer step `step`.
+
+        Args:
+            step: The number of optimizer updates applied, the current one
+                included (an int or int tensor). `None` counts one more step
+                than the last update.
+        """
+        self._check_built("update")
+        if tf.distribute.in_cross_replica_context():
+            self._update_cross_replica(self._strategy, step)
+            return
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._update_cross_replica, self._strategy, step
+        )
+
+    def _update_cross_replica(self, strategy, step):
+        if step is None:
+            t = self.step + 1
+        else:
+            # Through a merge_call, per-replica steps arrive as PerReplica;
+            # all replicas agree on the step, so take the first.
+            t = tf.cast(strategy.experimental_local_results(step)[0], tf.int64)
+        s = t - self.start_step
+        k = self.update_every
+
+        def move():
+            self._for_each_shadow(strategy, _shadow_update, self._rates(s))
+
+        def copy():
+            self._for_each_shadow(strategy, _shadow_copy)
+
+        if k > 1:
+            update = lambda: tf.cond(  # noqa: E731
+                tf.equal(s % k, 0), move, lambda: None
+            )
+        else:
+            update = move
+        if self.start_step > 0 or self.init == "first_step":
+            must_copy = s <= 0
+            if self.init == "first_step":
+                must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
+            tf.cond(must_copy, copy, update)
+        else:
+            update()
+        self.step.assign(t)
+
+    def _rates(self, s):
+        """`1 - D` per shadow dtype, computed once, in float64."""
+        s = tf.maximum(s, self.update_every)
+        rate = 1.0 - self.schedule.decay_over(s, self.update_every, dtype="float64")
+        dtypes = {shadow.dtype for shadow in self._shadows}
+        return {dtype: tf.cast(rate, dtype) for dtype in dtypes}
+
+    def _for_each_shadow(self, strategy, fn, rates=None):
+        for shadow, variable in zip(self._shadows, self._averaged):
+            args = (_tf_variable(variable),)
+            if rates is not None:
+                args += (rates[shadow.dtype],)
+            strategy.extended.update(
+                _tf_variable(shadow), fn, args=args, group=False
+            )
+
+    # ------------------------------------------------------------------- swap
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the variables hold the averages (see `swap_in`)."""
+        return self._raw_values is not None
+
+    def swap_in(self) -> None:
+        """Puts the averages into the variables, keeping the raw values aside.
+
+        The shadows are cast to each variable's dtype. Call `swap_out` to
+        restore the raw values bit for bit.
+        """
+        self._check_built("swap_in")
+        if self.is_swapped:
+            raise ValueError(
+                f"The average {self.name!r} is already swapped in; call "
+                "`swap_out()` first."
+            )
+        raw = [tf.identity(_tf_variable(v)) for v in self._averaged]
+        for variable, shadow in zip(self._averaged, self._shadows):
+            variable.assign(tf.cast(shadow, variable.dtype))
+        self._set_untracked(_raw_values=raw)
+
+    def swap_out(self) -> None:
+        """Restores the raw values put aside by `swap_in`, bit for bit."""
+        self._check_built("swap_out")
+        if not self.is_swapped:
+            raise ValueError(
+                f"The average {self.name!r} is not swapped in; nothing to "
+                "swap out."
+            )
+        for variable, raw in zip(self._averaged, self._raw_values):
+            variable.assign(raw)
+        self._set_untracked(_raw_values=None)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[ExponentialMovingAverage]:
+        """Context manager: the averages inside, the raw values after.
+
+        The raw values come back bit for bit on exit, exceptions included.
+        """
+        self.swap_in()
+        try:
+            yield self
+        finally:
+            self.swap_out()
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self) -> dict:
+        return {
+            "decay": keras.saving.serialize_keras_object(self.schedule),
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "init": self.init,
+            "shadow_dtype": self.shadow_dtype,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> ExponentialMovingAverage:
+        config = dict(config)
+        config["decay"] = schedules.get(config["decay"])
+        return cls(**config)
+
+    def _check_built(self, method):
+        if not self.built:
+            raise ValueError(
+                f"Call `build(variables)` or `apply(variables)` on the average "
+                f"{self.name!r} before `{method}`."
+            )
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _check_variables(variables):
+    if isinstance(variables, (str, bytes)) or not isinstance(
+        variables, (list, tuple)
+    ):
+        try:
+            variables = list(variables)
+        except TypeError:
+            raise TypeError(
+                f"`variables` must be a list of variables, got {variables!r}."
+            ) from None
+    variables = list(variables)
+    paths = set()
+    for variable in variables:
+        if not isinstance(variable, (keras.Variable, tf.Variable)):
+            raise TypeError(
+                "`variables` must hold keras.Variable or tf.Variable objects, "
+                f"got {type(variable).__name__}."
+            )
+        if not tf.as_dtype(variable.dtype).is_floating:
+            raise TypeError(
+                f"`variables` must be floating point; {variable_path(variable)!r}"
+                f" is {variable.dtype}."
+            )
+        path = variable_path(variable)
+        if path in paths:
+            raise ValueError(
+                f"`variables` holds two variables with the path {path!r}; "
+                "shadows are matched to variables by path."
+            )
+        paths.add(path)
+    return variables
+
+
+def _shadow_dtype(variable_dtype, shadow_dtype):
+    variable_dtype = tf.as_dtype(variable_dtype)
+    if variable_dtype == tf.float64:
+        return "float64"
+    return shadow_dtype

@@ -1,0 +1,266 @@
+"""`EMAOptimizer`: a Keras optimizer that keeps an average of the weights."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_ema import schedules
+from keras_ema.averager import ExponentialMovingAverage, variable_path
+
+_BASE_OPTIMIZER_ARGS = (
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "global_clipnorm",
+    "clipvalue",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
+class EMAOptimizer(keras.optimizers.Optimizer):
+    """Wraps an optimizer and keeps the moving average of the weights.
+
+    Each step runs the wrapped optimizer's update, then the average's update,
+    inside the same compiled train step (`tf.function` or XLA):
+
+        shadow <- shadow - (1 - D) * (shadow - w)
+
+    with `w` the weights after this step's update and constraints, and `D`
+    the decay since the last update (see `keras_ema.ExponentialMovingAverage`
+    for `update_every`, `start_step` and `init`). Steps count the updates the
+    wrapped optimizer actually applied: a step that a `LossScaleOptimizer`
+    skips for non-finite gradients moves neither the average nor the step
+    count, and with `gradient_accumulation_steps` the average moves once per
+    real update, not per micro-batch.
+
+    The wrapper forwards `learning_rate`, `iterations` and `scale_loss` to the
+    wrapped optimizer, so learning-rate schedules and callbacks such as
+    `ReduceLROnPlateau` keep working. It composes with `LossScaleOptimizer` in
+    either order, including the wrap `compile` adds under `mixed_float16`.
+
+    The model always trains on, and after `fit` holds, the raw weights:
+    `finalize_variable_values` does not copy the average into the model (and
+    stops a wrapped optimizer with `use_ema=True` from doing so). Use
+    `keras_ema.EMASwap`, `keras_ema.ema_weights` or
+    `keras_ema.export_saved_model` to put the averaged weights to work.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` to wrap.
+        decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`.
+        update_every: Update the average every this many optimizer steps
+            (decay compensated).
+        start_step: Before this step the average copies the weights.
+        init: `"weights"` (shadows start as the weights) or `"first_step"`
+            (the first update copies the weights, as Keras's `use_ema=True`).
+        shadow_dtype: `"float32"` or `"float64"`: the narrowest dtype a shadow
+            is kept in (float16/bfloat16 weights get float32 shadows).
+        name: Name of the optimizer.
+
+    Example:
+
+    ```python
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(1e-3), decay=0.999)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y, callbacks=[keras_ema.EMASwap()])
+    optimizer.average(model.layers[0].kernel)  # the shadow variable
+    ```
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: keras.optimizers.Optimizer,
+        decay: float | schedules.DecaySchedule = 0.999,
+        update_every: int = 1,
+        start_step: int = 0,
+        init: str = "weights",
+        shadow_dtype: str = "float32",
+        name: str | None = None,
+        **kwargs,
+    ):
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`inner_optimizer` must be a keras.optimizers.Optimizer, got "
+                f"{type(inner_optimizer).__name__}."
+            )
+        unsupported = sorted(kwargs)
+        if unsupported:
+            where = [a for a in unsupported if a in _BASE_OPTIMIZER_ARGS]
+            raise ValueError(
+                f"EMAOptimizer does not take {unsupported}."
+                + (
+                    f" Set {where} on the `inner_optimizer` instead."
+                    if where
+                    else ""
+                )
+            )
+        averager = ExponentialMovingAverage(
+            decay=decay,
+            update_every=update_every,
+            start_step=start_step,
+            init=init,
+            shadow_dtype=shadow_dtype,
+            name="average",
+        )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.averager = averager
+        self._outer_loss_scaling = False
+
+    # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
+    # it, meaning "I own loss scaling now". If this optimizer wraps a
+    # LossScaleOptimizer too (EMAOptimizer(LossScaleOptimizer(opt)) compiled
+    # under mixed_float16), the inner one must then stop scaling, or the
+    # gradients would be unscaled twice.
+    @property
+    def loss_scale_factor(self):
+        return self._loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        if value is not None:
+            raise ValueError(
+                "EMAOptimizer does not take `loss_scale_factor`; set it on the "
+                "`inner_optimizer`."
+            )
+        if hasattr(self, "inner_optimizer"):
+            self._outer_loss_scaling = isinstance(
+                self.inner_optimizer, keras.optimizers.LossScaleOptimizer
+            )
+        self._loss_scale_factor = value
+
+    @property
+    def _stepping_optimizer(self):
+        """The optimizer whose `apply` this one calls."""
+        if self._outer_loss_scaling:
+            return self.inner_optimizer.inner_optimizer
+        return self.inner_optimizer
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        self.averager.build(var_list)
+        super().build(var_list)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "EMAOptimizer is not built: pass `trainable_variables` to "
+                    "`apply` or call `optimizer.build(trainable_variables)`."
+                )
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+            self.built = True
+        stepper = self._stepping_optimizer
+        before = tf.identity(stepper.iterations)
+        stepper.apply(grads, trainable_variables)
+        after = tf.identity(stepper.iterations)
+        self._update_average(tf.not_equal(after, before))
+
+    def _update_average(self, applied):
+        """Updates the average if the wrapped optimizer applied a step."""
+
+        def update(strategy, applied):
+            # All replicas agree on whether the step was applied.
+            applied = strategy.experimental_local_results(applied)[0]
+            tf.cond(applied, self.averager.update, lambda: None)
+
+        strategy = tf.distribute.get_strategy()
+        if tf.distribute.in_cross_replica_context():
+            update(strategy, applied)
+        else:
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                update, strategy, applied
+            )
+
+    def average(self, variable):
+        """Returns the shadow variable holding the average of `variable`."""
+        return self.averager.average(variable)
+
+    @property
+    def variables(self):
+        return (
+            self._variables[:]
+            + self.inner_optimizer.variables
+            + self.averager.variables
+        )
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        # Deliberately keeps the raw weights in the model: training resumes
+        # from them, and the average is swapped in where it is wanted.
+        del var_list
+
+    def save_own_variables(self, store):
+        # The wrapped optimizer saves its own state (Keras walks into it);
+        # the average is saved by path, so it loads into the right variables.
+        store["step"] = self.averager.step.numpy()
+        for variable, shadow in zip(
+            self.averager.averaged_variables, self.averager.shadows
+        ):
+            store[_store_key(variable)] = shadow.numpy()
+
+    def load_own_variables(self, store):
+        expected = {"step"} | {
+            _store_key(v) for v in self.averager.averaged_variables
+        }
+        found = set(store.keys())
+        if not self.built or expected != found:
+            missing = sorted(expected - found)
+            unexpected = sorted(found - expected)
+            raise ValueError(
+                f"Cannot load the average of EMAOptimizer {self.name!r}: the "
+                f"saved average does not match this model's variables. "
+                f"Missing from the file: {missing[:5]}; in the file but not "
+                f"in the model: {unexpected[:5]}."
+            )
+        self.averager.step.assign(store["step"])
+        for variable, shadow in zip(
+            self.averager.averaged_variables, self.averager.shadows
+        ):
+            shadow.assign(store[_store_key(variable)])
+
+    def get_config(self):
+        averager_config = self.averager.get_config()
+        del averager_config["name"]
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            **averager_config,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner_optimizer = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        config["decay"] = schedules.get(config["decay"])
+        return cls(inner_optimizer, **config)
+
+
+def _store_key(variable):
+    # HDF5 reads '/' in a key as nested groups, which `store.keys()` hides.
+    return "average:" + variable_path(variable).replace("/", "|")
