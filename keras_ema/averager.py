@@ -29,6 +29,23 @@ def variable_path(variable) -> str:
     return path
 
 
+def relative_paths(variables: Sequence) -> list[str]:
+    """Paths of `variables` without the leading components they all share.
+
+    Keras names a variable after the scopes it was built in, which depend on
+    how the model was built: `sequential/dense/kernel` when trained,
+    `dense/kernel` after `keras.models.load_model`. Dropping the shared
+    prefix gives names that survive saving and loading.
+    """
+    split = [variable_path(v).split("/") for v in variables]
+    shared = 0
+    while all(len(parts) > shared + 1 for parts in split) and (
+        len({parts[shared] for parts in split}) == 1
+    ):
+        shared += 1
+    return ["/".join(parts[shared:]) for parts in split]
+
+
 def _tf_variable(variable) -> tf.Variable:
     """The `tf.Variable` behind a Keras variable (or the variable itself)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -190,8 +207,7 @@ class ExponentialMovingAverage(tf.Module):
                 aggregation="only_first_replica",
                 name="step",
             )
-            for variable in variables:
-                path = variable_path(variable)
+            for variable, path in zip(variables, relative_paths(variables)):
                 dtype = _shadow_dtype(variable.dtype, self.shadow_dtype)
                 with contextlib.ExitStack() as scopes:
                     *parents, leaf = path.split("/")
@@ -210,12 +226,12 @@ class ExponentialMovingAverage(tf.Module):
                     )
         self._set_untracked(
             _averaged=variables,
-            _shadows=[shadows[variable_path(v)] for v in variables],
+            _shadows=list(shadows.values()),
             _index={_variable_key(v): i for i, v in enumerate(variables)},
             _strategy=strategy,
         )
-        # A dict keyed by path, so that checkpoints match shadows to their
-        # variables by name rather than by position.
+        # A dict keyed by relative path, so that checkpoints match shadows to
+        # their variables by name rather than by position.
         self.shadows_by_path = shadows
         self.built = True
 

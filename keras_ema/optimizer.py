@@ -6,7 +6,9 @@ import keras
 import tensorflow as tf
 
 from keras_ema import schedules
-from keras_ema.averager import ExponentialMovingAverage, variable_path
+from keras_ema.averager import ExponentialMovingAverage
+
+LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 
 _BASE_OPTIMIZER_ARGS = (
     "learning_rate",
@@ -108,18 +110,24 @@ class EMAOptimizer(keras.optimizers.Optimizer):
             name="average",
         )
         super().__init__(learning_rate=0.0, name=name)
+        self._outer_loss_scaling = False
         self.inner_optimizer = inner_optimizer
         self.averager = averager
-        self._outer_loss_scaling = False
 
     # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
     # it, meaning "I own loss scaling now". If this optimizer wraps a
     # LossScaleOptimizer too (EMAOptimizer(LossScaleOptimizer(opt)) compiled
     # under mixed_float16), the inner one must then stop scaling, or the
-    # gradients would be unscaled twice.
+    # gradients would be unscaled twice. Keras skips `x.attr = value` when
+    # `x.attr is value` already, so the getter reports the inner scale.
     @property
     def loss_scale_factor(self):
-        return self._loss_scale_factor
+        """The loss scale of a wrapped `LossScaleOptimizer` still in charge."""
+        inner = getattr(self, "inner_optimizer", None)
+        outer = getattr(self, "_outer_loss_scaling", False)
+        if isinstance(inner, LossScaleOptimizer) and not outer:
+            return inner.dynamic_scale if inner.built else inner.initial_scale
+        return None
 
     @loss_scale_factor.setter
     def loss_scale_factor(self, value):
@@ -128,11 +136,8 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 "EMAOptimizer does not take `loss_scale_factor`; set it on the "
                 "`inner_optimizer`."
             )
-        if hasattr(self, "inner_optimizer"):
-            self._outer_loss_scaling = isinstance(
-                self.inner_optimizer, keras.optimizers.LossScaleOptimizer
-            )
-        self._loss_scale_factor = value
+        if isinstance(getattr(self, "inner_optimizer", None), LossScaleOptimizer):
+            self._outer_loss_scaling = True
 
     @property
     def _stepping_optimizer(self):
@@ -215,17 +220,19 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         # The wrapped optimizer saves its own state (Keras walks into it);
         # the average is saved by path, so it loads into the right variables.
         store["step"] = self.averager.step.numpy()
-        for variable, shadow in zip(
-            self.averager.averaged_variables, self.averager.shadows
-        ):
-            store[_store_key(variable)] = shadow.numpy()
+        for path, shadow in self.averager.shadows_by_path.items():
+            store[_store_key(path)] = shadow.numpy()
 
     def load_own_variables(self, store):
-        expected = {"step"} | {
-            _store_key(v) for v in self.averager.averaged_variables
-        }
+        if not self.built:
+            raise ValueError(
+                f"EMAOptimizer {self.name!r} must be built before loading its "
+                "average: call `optimizer.build(model.trainable_variables)`."
+            )
+        shadows = self.averager.shadows_by_path
+        expected = {"step"} | {_store_key(path) for path in shadows}
         found = set(store.keys())
-        if not self.built or expected != found:
+        if expected != found:
             missing = sorted(expected - found)
             unexpected = sorted(found - expected)
             raise ValueError(
@@ -235,10 +242,8 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 f"in the model: {unexpected[:5]}."
             )
         self.averager.step.assign(store["step"])
-        for variable, shadow in zip(
-            self.averager.averaged_variables, self.averager.shadows
-        ):
-            shadow.assign(store[_store_key(variable)])
+        for path, shadow in shadows.items():
+            shadow.assign(store[_store_key(path)])
 
     def get_config(self):
         averager_config = self.averager.get_config()
@@ -261,6 +266,6 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         return cls(inner_optimizer, **config)
 
 
-def _store_key(variable):
+def _store_key(path):
     # HDF5 reads '/' in a key as nested groups, which `store.keys()` hides.
-    return "average:" + variable_path(variable).replace("/", "|")
+    return "average:" + path.replace("/", "|")
