@@ -151,8 +151,7 @@ class ExponentialMovingAverage(tf.Module):
             raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
         if shadow_dtype not in SHADOW_DTYPES:
             raise ValueError(
-                f"`shadow_dtype` must be one of {SHADOW_DTYPES}, "
-                f"got {shadow_dtype!r}."
+                f"`shadow_dtype` must be one of {SHADOW_DTYPES}, got {shadow_dtype!r}."
             )
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(
@@ -166,7 +165,12 @@ class ExponentialMovingAverage(tf.Module):
         self.shadow_dtype = shadow_dtype
         self.built = False
         self._set_untracked(
-            _averaged=[], _shadows=[], _index={}, _raw_values=None, _strategy=None
+            _averaged=[],
+            _shadows=[],
+            _index={},
+            _raw_values=None,
+            _strategy=None,
+            _copy_first_step=False,
         )
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
@@ -283,7 +287,8 @@ class ExponentialMovingAverage(tf.Module):
 
         For custom training loops: call it right after the optimizer's
         update, inside the same `tf.function`. It builds the shadows on the
-        first call.
+        first call, which then copies the weights it is given (in a traced
+        function the weights at trace time are not the ones that count).
 
         Args:
             variables: The variables to average (on the first call), or the
@@ -302,6 +307,10 @@ class ExponentialMovingAverage(tf.Module):
                     "`strategy.run`: `ema.build(model.trainable_variables)`."
                 )
             self.build(variables)
+            # Built while tracing, the shadows hold the weights as they were
+            # at trace time; the first update copies the weights it is given,
+            # so graph and eager runs agree.
+            self._set_untracked(_copy_first_step=True)
         elif variables is not None:
             variables = list(variables)
             if [_variable_key(v) for v in variables] != [
@@ -351,9 +360,10 @@ class ExponentialMovingAverage(tf.Module):
             )
         else:
             update = move
-        if self.start_step > 0 or self.init == "first_step":
+        copy_first_step = self.init == "first_step" or self._copy_first_step
+        if self.start_step > 0 or copy_first_step:
             must_copy = s <= 0
-            if self.init == "first_step":
+            if copy_first_step:
                 must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
             tf.cond(must_copy, copy, update)
         else:
@@ -372,9 +382,7 @@ class ExponentialMovingAverage(tf.Module):
             args = (_tf_variable(variable),)
             if rates is not None:
                 args += (rates[shadow.dtype],)
-            strategy.extended.update(
-                _tf_variable(shadow), fn, args=args, group=False
-            )
+            strategy.extended.update(_tf_variable(shadow), fn, args=args, group=False)
 
     # ------------------------------------------------------------------- swap
 
@@ -405,8 +413,7 @@ class ExponentialMovingAverage(tf.Module):
         self._check_built("swap_out")
         if not self.is_swapped:
             raise ValueError(
-                f"The average {self.name!r} is not swapped in; nothing to "
-                "swap out."
+                f"The average {self.name!r} is not swapped in; nothing to swap out."
             )
         for variable, raw in zip(self._averaged, self._raw_values):
             variable.assign(raw)
@@ -458,9 +465,7 @@ def _check_int(name, value, minimum):
 
 
 def _check_variables(variables):
-    if isinstance(variables, (str, bytes)) or not isinstance(
-        variables, (list, tuple)
-    ):
+    if isinstance(variables, (str, bytes)) or not isinstance(variables, (list, tuple)):
         try:
             variables = list(variables)
         except TypeError:

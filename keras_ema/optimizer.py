@@ -95,11 +95,7 @@ class EMAOptimizer(keras.optimizers.Optimizer):
             where = [a for a in unsupported if a in _BASE_OPTIMIZER_ARGS]
             raise ValueError(
                 f"EMAOptimizer does not take {unsupported}."
-                + (
-                    f" Set {where} on the `inner_optimizer` instead."
-                    if where
-                    else ""
-                )
+                + (f" Set {where} on the `inner_optimizer` instead." if where else "")
             )
         averager = ExponentialMovingAverage(
             decay=decay,

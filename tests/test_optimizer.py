@@ -1,6 +1,5 @@
 """EMAOptimizer in real Keras fit loops, checked against a numpy reference."""
 
-
 import keras
 import numpy as np
 import pytest
@@ -11,8 +10,9 @@ import keras_ema
 DECAY = 0.9
 
 
-def reference_average(initial, trajectory, decay, update_every=1, start_step=0,
-                      init="weights"):
+def reference_average(
+    initial, trajectory, decay, update_every=1, start_step=0, init="weights"
+):
     """The EMA of DESIGN.md, in float64 numpy, from the weights after each step.
 
     `decay(s)` is the per-step decay; the decay over k steps is the product.
@@ -79,8 +79,13 @@ def max_error(a, b):
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize(
     "update_every,start_step,init",
-    [(1, 0, "weights"), (3, 0, "weights"), (2, 5, "weights"), (1, 0, "first_step"),
-     (4, 3, "first_step")],
+    [
+        (1, 0, "weights"),
+        (3, 0, "weights"),
+        (2, 5, "weights"),
+        (1, 0, "first_step"),
+        (4, 3, "first_step"),
+    ],
 )
 def test_fit_matches_reference(jit_compile, update_every, start_step, init):
     model = make_model()
@@ -95,8 +100,9 @@ def test_fit_matches_reference(jit_compile, update_every, start_step, init):
     model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
     record = RecordWeights()
     x, y = make_data()
-    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-              callbacks=[record])
+    model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[record]
+    )
     assert int(optimizer.averager.step.numpy()) == 16
     expected = reference_average(
         w0, record.weights, lambda s: DECAY, update_every, start_step, init
@@ -194,8 +200,14 @@ def test_loss_scale_skip_both_orders(order):
         optimizer = keras.optimizers.LossScaleOptimizer(ema)
     model.compile(optimizer=optimizer, loss="mse")
     record = RecordWeights(ema)
-    model.fit(*nonfinite_data(), batch_size=8, epochs=1, verbose=0,
-              shuffle=False, callbacks=[record])
+    model.fit(
+        *nonfinite_data(),
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[record],
+    )
     check_skip(ema, record, w0)
     assert int(ema.iterations.numpy()) == 4
 
@@ -215,8 +227,14 @@ def test_mixed_float16_automatic_wrap(mixed_float16):
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert model.optimizer.inner_optimizer is ema
     record = RecordWeights(ema)
-    model.fit(*nonfinite_data(), batch_size=8, epochs=1, verbose=0,
-              shuffle=False, callbacks=[record])
+    model.fit(
+        *nonfinite_data(),
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[record],
+    )
     check_skip(ema, record, w0)
     assert all(s.dtype == "float32" for s in ema.averager.shadows)
 
@@ -245,8 +263,14 @@ def test_gradient_accumulation_moves_average_per_real_update():
     )
     model.compile(optimizer=optimizer, loss="mse")
     record = RecordWeights(optimizer)
-    model.fit(*make_data(), batch_size=8, epochs=1, verbose=0, shuffle=False,
-              callbacks=[record])
+    model.fit(
+        *make_data(),
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[record],
+    )
     assert record.steps == [0, 1, 1, 2, 2, 3, 3, 4]
     real_updates = record.weights[1::2]
     expected = reference_average(w0, real_updates, lambda s: DECAY)
@@ -409,9 +433,73 @@ def test_custom_loop_apply_and_jit():
     optimizer.build(model.trainable_variables)
     trajectory = []
     for i in range(0, 64, 8):
-        step(x[i:i + 8], y[i:i + 8])
+        step(x[i : i + 8], y[i : i + 8])
         trajectory.append(initial_weights(model))
     expected = reference_average(w0, trajectory, lambda s: DECAY)
     got = [optimizer.average(v).numpy() for v in model.trainable_variables]
     assert max_error(got, expected) < 1e-6
 
+
+MIRRORED_SCRIPT = """
+import json, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, keras_ema
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 6)).astype("float32")
+y = rng.normal(size=(64, 1)).astype("float32")
+
+def run(strategy, loss_scale):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
+                                  keras.layers.Dense(1)])
+        inner = keras.optimizers.SGD(0.05)
+        if loss_scale:
+            inner = keras.optimizers.LossScaleOptimizer(inner)
+        optimizer = keras_ema.EMAOptimizer(inner, decay=0.9)
+        model.compile(optimizer, "mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    return [[r.numpy().tolist() for r in
+             strategy.experimental_local_results(s.value)]
+            for s in optimizer.averager.shadows], int(optimizer.averager.step.numpy())
+
+out = {}
+for loss_scale in (False, True):
+    out[str(loss_scale)] = {
+        "single": run(tf.distribute.get_strategy(), loss_scale),
+        "mirrored": run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                        loss_scale),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_mirrored_strategy_fit():
+    """Two logical CPUs: mirrored shadows, identical on both replicas, equal
+    to a single-device run with the same global batch."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for runs in out.values():
+        single, single_step = runs["single"]
+        mirrored, mirrored_step = runs["mirrored"]
+        assert single_step == mirrored_step == 8
+        for replicas, (reference,) in zip(mirrored, single):
+            assert len(replicas) == 2
+            np.testing.assert_array_equal(replicas[0], replicas[1])
+            np.testing.assert_allclose(replicas[0], reference, atol=1e-6)
