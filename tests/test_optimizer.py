@@ -167,10 +167,17 @@ def test_fit_leaves_raw_weights_in_model():
     assert max_error(initial_weights(model), shadows) > 1e-4
 
 
-def nonfinite_data():
+def fit_with_skipped_step(model, ema, initial):
+    """Fits five batches of 8, the third with an inf input, and checks that
+    the step it causes to be skipped moves neither the weights nor the
+    average, and that the average of the other steps is the reference's."""
     x, y = make_data(n=40)
-    x[16] = np.inf  # third batch of 8: its gradients are non-finite
-    return x, y
+    x[16] = np.inf
+    record = RecordWeights(ema)
+    model.fit(
+        x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[record]
+    )
+    check_skip(ema, record, initial)
 
 
 def check_skip(optimizer, record, initial):
@@ -199,16 +206,7 @@ def test_loss_scale_skip_both_orders(order):
         ema = keras_ema.EMAOptimizer(keras.optimizers.SGD(0.1), decay=DECAY)
         optimizer = keras.optimizers.LossScaleOptimizer(ema)
     model.compile(optimizer=optimizer, loss="mse")
-    record = RecordWeights(ema)
-    model.fit(
-        *nonfinite_data(),
-        batch_size=8,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[record],
-    )
-    check_skip(ema, record, w0)
+    fit_with_skipped_step(model, ema, w0)
     assert int(ema.iterations.numpy()) == 4
 
 
@@ -226,16 +224,7 @@ def test_mixed_float16_automatic_wrap(mixed_float16):
     model.compile(optimizer=ema, loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert model.optimizer.inner_optimizer is ema
-    record = RecordWeights(ema)
-    model.fit(
-        *nonfinite_data(),
-        batch_size=8,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[record],
-    )
-    check_skip(ema, record, w0)
+    fit_with_skipped_step(model, ema, w0)
     assert all(s.dtype == "float32" for s in ema.averager.shadows)
 
 
