@@ -168,7 +168,7 @@ class ExponentialMovingAverage(tf.Module):
             _averaged=[],
             _shadows=[],
             _index={},
-            _raw_values=None,
+            _swap=None,
             _strategy=None,
             _copy_first_step=False,
         )
@@ -232,6 +232,7 @@ class ExponentialMovingAverage(tf.Module):
             _averaged=variables,
             _shadows=list(shadows.values()),
             _index={_variable_key(v): i for i, v in enumerate(variables)},
+            _swap=ExactSwap(variables, list(shadows.values()), self.name),
             _strategy=strategy,
         )
         # A dict keyed by relative path, so that checkpoints match shadows to
@@ -331,6 +332,12 @@ class ExponentialMovingAverage(tf.Module):
                 than the last update.
         """
         self._check_built("update")
+        if self.is_swapped:
+            raise ValueError(
+                f"The variables hold the averages of {self.name!r} (swapped "
+                "in); updating now would average the average. Call "
+                "`swap_out()` before training."
+            )
         if tf.distribute.in_cross_replica_context():
             self._update_cross_replica(self._strategy, step)
             return
@@ -389,7 +396,7 @@ class ExponentialMovingAverage(tf.Module):
     @property
     def is_swapped(self) -> bool:
         """Whether the variables hold the averages (see `swap_in`)."""
-        return self._raw_values is not None
+        return self._swap is not None and self._swap.is_swapped
 
     def swap_in(self) -> None:
         """Puts the averages into the variables, keeping the raw values aside.
@@ -398,26 +405,12 @@ class ExponentialMovingAverage(tf.Module):
         restore the raw values bit for bit.
         """
         self._check_built("swap_in")
-        if self.is_swapped:
-            raise ValueError(
-                f"The average {self.name!r} is already swapped in; call "
-                "`swap_out()` first."
-            )
-        raw = [tf.identity(_tf_variable(v)) for v in self._averaged]
-        for variable, shadow in zip(self._averaged, self._shadows):
-            variable.assign(tf.cast(shadow, variable.dtype))
-        self._set_untracked(_raw_values=raw)
+        self._swap.swap_in()
 
     def swap_out(self) -> None:
         """Restores the raw values put aside by `swap_in`, bit for bit."""
         self._check_built("swap_out")
-        if not self.is_swapped:
-            raise ValueError(
-                f"The average {self.name!r} is not swapped in; nothing to swap out."
-            )
-        for variable, raw in zip(self._averaged, self._raw_values):
-            variable.assign(raw)
-        self._set_untracked(_raw_values=None)
+        self._swap.swap_out()
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[ExponentialMovingAverage]:
@@ -455,6 +448,52 @@ class ExponentialMovingAverage(tf.Module):
                 f"Call `build(variables)` or `apply(variables)` on the average "
                 f"{self.name!r} before `{method}`."
             )
+
+
+class ExactSwap:
+    """Swaps values into variables and back, bit for bit.
+
+    `swap_in` keeps the variables' raw values aside as tensors and assigns
+    the replacement values (cast to each variable's dtype); `swap_out` assigns
+    the kept tensors back. Nothing is recomputed, so the round trip is exact
+    for every dtype (unlike the add/subtract swap, which rounds).
+
+    Args:
+        variables: The variables to swap values into.
+        values: Variables holding the replacement values, aligned with
+            `variables`.
+        name: A name for error messages.
+    """
+
+    def __init__(self, variables: Sequence, values: Sequence, name: str):
+        self.variables = list(variables)
+        self.values = list(values)
+        self.name = name
+        self.raw_values = None
+
+    @property
+    def is_swapped(self) -> bool:
+        return self.raw_values is not None
+
+    def swap_in(self) -> None:
+        if self.is_swapped:
+            raise ValueError(
+                f"The average {self.name!r} is already swapped in; call "
+                "`swap_out()` first."
+            )
+        raw = [tf.identity(_tf_variable(v)) for v in self.variables]
+        for variable, value in zip(self.variables, self.values):
+            variable.assign(tf.cast(_tf_variable(value), variable.dtype))
+        self.raw_values = raw
+
+    def swap_out(self) -> None:
+        if not self.is_swapped:
+            raise ValueError(
+                f"The average {self.name!r} is not swapped in; nothing to swap out."
+            )
+        for variable, raw in zip(self.variables, self.raw_values):
+            variable.assign(raw)
+        self.raw_values = None
 
 
 def _check_int(name, value, minimum):
