@@ -19,6 +19,9 @@ from keras_ema import schedules
 
 INITS = ("weights", "first_step")
 SHADOW_DTYPES = ("float32", "float64")
+# Variables with at least this many elements are updated by one XLA-compiled
+# function when the step itself is not XLA-compiled (see `_move`).
+FUSE_MIN_SIZE = 1 << 20
 
 
 def variable_path(variable) -> str:
@@ -71,6 +74,17 @@ def _shadow_update(shadow, weight, rate):
     return tf.raw_ops.ResourceApplyGradientDescent(
         var=shadow.handle, alpha=rate, delta=delta
     )
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _fused_update(pairs, rates):
+    """`_shadow_update` for many variables, compiled into one XLA cluster."""
+    for shadow, weight in pairs:
+        _shadow_update(shadow, weight, rates[shadow.dtype.name])
+
+
+def _size(variable) -> int:
+    return int(np.prod(variable.shape))
 
 
 def _shadow_copy(shadow, weight):
@@ -171,6 +185,8 @@ class ExponentialMovingAverage(tf.Module):
             _swap=None,
             _strategy=None,
             _copy_first_step=False,
+            _fused=[],
+            _unfused=[],
         )
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
@@ -234,6 +250,15 @@ class ExponentialMovingAverage(tf.Module):
             _index={_variable_key(v): i for i, v in enumerate(variables)},
             _swap=ExactSwap(variables, list(shadows.values()), self.name),
             _strategy=strategy,
+        )
+        pairs = list(zip(self._shadows, variables))
+        self._set_untracked(
+            _fused=[
+                (_tf_variable(shadow), _tf_variable(variable))
+                for shadow, variable in pairs
+                if _size(variable) >= FUSE_MIN_SIZE
+            ],
+            _unfused=[p for p in pairs if _size(p[1]) < FUSE_MIN_SIZE],
         )
         # A dict keyed by relative path, so that checkpoints match shadows to
         # their variables by name rather than by position.
@@ -323,13 +348,16 @@ class ExponentialMovingAverage(tf.Module):
                 )
         self.update()
 
-    def update(self, step=None) -> None:
+    def update(self, step=None, applied=None) -> None:
         """Updates the shadows for optimizer step `step`.
 
         Args:
             step: The number of optimizer updates applied, the current one
                 included (an int or int tensor). `None` counts one more step
                 than the last update.
+            applied: Optional boolean tensor: whether the optimizer really
+                applied this step. When false nothing moves, not even the
+                step count (a step skipped by a loss scaler is not a step).
         """
         self._check_built("update")
         if self.is_swapped:
@@ -339,42 +367,52 @@ class ExponentialMovingAverage(tf.Module):
                 "`swap_out()` before training."
             )
         if tf.distribute.in_cross_replica_context():
-            self._update_cross_replica(self._strategy, step)
+            self._update_cross_replica(self._strategy, step, applied)
             return
         tf.__internal__.distribute.interim.maybe_merge_call(
-            self._update_cross_replica, self._strategy, step
+            self._update_cross_replica, self._strategy, step, applied
         )
 
-    def _update_cross_replica(self, strategy, step):
+    def _update_cross_replica(self, strategy, step, applied):
+        # Through a merge_call, per-replica values arrive as PerReplica; all
+        # replicas agree on them, so take the first.
+        def agreed(value):
+            return strategy.experimental_local_results(value)[0]
+
         if step is None:
             t = self.step + 1
         else:
-            # Through a merge_call, per-replica steps arrive as PerReplica;
-            # all replicas agree on the step, so take the first.
-            t = tf.cast(strategy.experimental_local_results(step)[0], tf.int64)
+            t = tf.cast(agreed(step), tf.int64)
         s = t - self.start_step
         k = self.update_every
 
         def move():
-            self._for_each_shadow(strategy, _shadow_update, self._rates(s))
+            self._move(strategy, self._rates(s))
 
         def copy():
             self._for_each_shadow(strategy, _shadow_copy)
 
-        if k > 1:
-            update = lambda: tf.cond(  # noqa: E731
-                tf.equal(s % k, 0), move, lambda: None
-            )
-        else:
-            update = move
+        # One condition at most around the variables: every tf.cond that
+        # touches the shadows costs a pass over their handles even when it
+        # is not taken.
+        due = tf.equal(s % k, 0) if k > 1 else None
+        body = move
         copy_first_step = self.init == "first_step" or self._copy_first_step
         if self.start_step > 0 or copy_first_step:
             must_copy = s <= 0
             if copy_first_step:
                 must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
-            tf.cond(must_copy, copy, update)
+            body = lambda: tf.cond(must_copy, copy, move)  # noqa: E731
+            if due is not None:
+                due = tf.logical_or(due, must_copy)
+        if applied is not None:
+            applied = agreed(applied)
+            due = applied if due is None else tf.logical_and(applied, due)
+            t = tf.where(applied, t, self.step)
+        if due is None:
+            body()
         else:
-            update()
+            tf.cond(due, body, lambda: None)
         self.step.assign(t)
 
     def _rates(self, s):
@@ -384,8 +422,22 @@ class ExponentialMovingAverage(tf.Module):
         dtypes = {shadow.dtype for shadow in self._shadows}
         return {dtype: tf.cast(rate, dtype) for dtype in dtypes}
 
-    def _for_each_shadow(self, strategy, fn, rates=None):
-        for shadow, variable in zip(self._shadows, self._averaged):
+    def _move(self, strategy, rates):
+        """Moves every shadow towards its variable."""
+        if tf.distribute.has_strategy() or not self._fused:
+            self._for_each_shadow(strategy, _shadow_update, rates)
+            return
+        # Outside XLA, TF runs `shadow - w` and the update as two kernels,
+        # twice the memory traffic of one fused loop; an inner XLA function
+        # fuses them. It pays off for large variables only: an XLA launch has
+        # a fixed cost per argument.
+        _fused_update(self._fused, rates)
+        self._for_each_shadow(strategy, _shadow_update, rates, self._unfused)
+
+    def _for_each_shadow(self, strategy, fn, rates=None, pairs=None):
+        if pairs is None:
+            pairs = zip(self._shadows, self._averaged)
+        for shadow, variable in pairs:
             args = (_tf_variable(variable),)
             if rates is not None:
                 args += (rates[shadow.dtype],)

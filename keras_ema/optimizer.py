@@ -159,26 +159,31 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
             self.built = True
         stepper = self._stepping_optimizer
+        if not self._may_skip_steps():
+            stepper.apply(grads, trainable_variables)
+            self.averager.update()
+            return
         before = tf.identity(stepper.iterations)
         stepper.apply(grads, trainable_variables)
         after = tf.identity(stepper.iterations)
-        self._update_average(tf.not_equal(after, before))
+        self.averager.update(applied=tf.not_equal(after, before))
 
-    def _update_average(self, applied):
-        """Updates the average if the wrapped optimizer applied a step."""
+    def _may_skip_steps(self):
+        """Whether a call to the wrapped optimizer may apply no update.
 
-        def update(strategy, applied):
-            # All replicas agree on whether the step was applied.
-            applied = strategy.experimental_local_results(applied)[0]
-            tf.cond(applied, self.averager.update, lambda: None)
-
-        strategy = tf.distribute.get_strategy()
-        if tf.distribute.in_cross_replica_context():
-            update(strategy, applied)
-        else:
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                update, strategy, applied
-            )
+        A LossScaleOptimizer skips steps with non-finite gradients, and
+        gradient accumulation applies one update per several calls; other
+        optimizers update at every call, and then the average needs no
+        condition (which costs time with many variables).
+        """
+        optimizer = self._stepping_optimizer
+        while optimizer is not None:
+            if isinstance(optimizer, LossScaleOptimizer) or getattr(
+                optimizer, "gradient_accumulation_steps", None
+            ):
+                return True
+            optimizer = getattr(optimizer, "inner_optimizer", None)
+        return False
 
     def average(self, variable):
         """Returns the shadow variable holding the average of `variable`."""

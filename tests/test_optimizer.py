@@ -492,3 +492,29 @@ def test_mirrored_strategy_fit():
             assert len(replicas) == 2
             np.testing.assert_array_equal(replicas[0], replicas[1])
             np.testing.assert_allclose(replicas[0], reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_large_variables_fused_update(jit_compile):
+    """Variables of FUSE_MIN_SIZE elements or more take the XLA-fused path
+    outside XLA; the numbers are the reference's either way."""
+    from keras_ema.averager import FUSE_MIN_SIZE
+
+    width = int(np.sqrt(FUSE_MIN_SIZE))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((width,)), keras.layers.Dense(width), keras.layers.Dense(1)]
+    )
+    w0 = initial_weights(model)
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.SGD(1e-3), decay=DECAY)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    record = RecordWeights()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, width)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[record])
+    assert [v.shape for v, _ in optimizer.averager._fused] == [(width, width)]
+    expected = reference_average(w0, record.weights, lambda s: DECAY)
+    got = [optimizer.average(v).numpy() for v in model.trainable_variables]
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
