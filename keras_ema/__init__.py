@@ -2,7 +2,16 @@
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.callbacks import EMACheckpoint, EMASwap
+from keras_ema.export import ema_weights
 from keras_ema.optimizer import EMAOptimizer
 
-__all__ = ["EMAOptimizer", "ExponentialMovingAverage", "schedules"]
+__all__ = [
+    "EMACheckpoint",
+    "EMAOptimizer",
+    "EMASwap",
+    "ExponentialMovingAverage",
+    "ema_weights",
+    "schedules",
+]
 __version__ = "0.1.0"

@@ -302,9 +302,27 @@ class ExponentialMovingAverage(tf.Module):
         return self._shadows[index]
 
     def decay_at(self, step) -> tf.Tensor:
-        """The per-step decay the schedule gives at optimizer step `step`."""
-        s = tf.cast(step, tf.int64) - self.start_step
-        return self.schedule(tf.maximum(s, 1))
+        """The per-step decay at optimizer step `step` (0 while copying).
+
+        Args:
+            step: The optimizer step t (an int or int tensor).
+
+        Returns:
+            A float32 scalar tensor: 0 where the shadows copy the weights
+            (t <= start_step, or t = 1 with `init="first_step"`), else the
+            schedule's d(t - start_step).
+        """
+        t = tf.cast(step, tf.int64)
+        s = t - self.start_step
+        copies = s <= 0
+        if self.init == "first_step" or self._copy_first_step:
+            copies = tf.logical_or(copies, tf.equal(t, 1))
+        return tf.where(copies, 0.0, self.schedule(tf.maximum(s, 1)))
+
+    def current_decay(self) -> tf.Tensor:
+        """The per-step decay at the latest step (`decay_at(step)`)."""
+        self._check_built("current_decay")
+        return self.decay_at(self.step)
 
     # ----------------------------------------------------------------- update
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_ema import schedules
@@ -144,7 +145,9 @@ class EMAOptimizer(keras.optimizers.Optimizer):
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        self.inner_optimizer.build(var_list)
+        # The wrapped optimizer may have trained before it was wrapped.
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
         self.averager.build(var_list)
         super().build(var_list)
 
@@ -220,9 +223,16 @@ class EMAOptimizer(keras.optimizers.Optimizer):
     def save_own_variables(self, store):
         # The wrapped optimizer saves its own state (Keras walks into it);
         # the average is saved by path, so it loads into the right variables.
-        store["step"] = self.averager.step.numpy()
-        for path, shadow in self.averager.shadows_by_path.items():
-            store[_store_key(path)] = shadow.numpy()
+        # Saved while the model holds the average, the file also keeps the
+        # raw weights, so that nothing is lost.
+        averager = self.averager
+        store["step"] = averager.step.numpy()
+        paths = list(averager.shadows_by_path)
+        for path, shadow in zip(paths, averager.shadows):
+            store[_store_key("average", path)] = shadow.numpy()
+        if averager.is_swapped:
+            for path, raw in zip(paths, averager._swap.raw_values):
+                store[_store_key("raw", path)] = raw.numpy()
 
     def load_own_variables(self, store):
         if not self.built:
@@ -230,9 +240,14 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 f"EMAOptimizer {self.name!r} must be built before loading its "
                 "average: call `optimizer.build(model.trainable_variables)`."
             )
-        shadows = self.averager.shadows_by_path
-        expected = {"step"} | {_store_key(path) for path in shadows}
+        averager = self.averager
+        paths = list(averager.shadows_by_path)
+        expected = {"step"} | {_store_key("average", p) for p in paths}
+        raw_keys = {_store_key("raw", p) for p in paths}
         found = set(store.keys())
+        has_raw = bool(found & raw_keys)
+        if has_raw:
+            expected |= raw_keys
         if expected != found:
             missing = sorted(expected - found)
             unexpected = sorted(found - expected)
@@ -242,9 +257,19 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 f"Missing from the file: {missing[:5]}; in the file but not "
                 f"in the model: {unexpected[:5]}."
             )
-        self.averager.step.assign(store["step"])
-        for path, shadow in shadows.items():
-            shadow.assign(store[_store_key(path)])
+        averager.step.assign(store["step"])
+        for path, shadow in zip(paths, averager.shadows):
+            shadow.assign(store[_store_key("average", path)])
+        # The model's weights come from the same file: the averaged ones if
+        # it was saved while swapped, with the raw ones kept aside again.
+        averager._swap.raw_values = (
+            [
+                tf.constant(np.asarray(store[_store_key("raw", p)]), dtype=v.dtype)
+                for p, v in zip(paths, averager.averaged_variables)
+            ]
+            if has_raw
+            else None
+        )
 
     def get_config(self):
         averager_config = self.averager.get_config()
@@ -267,6 +292,6 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         return cls(inner_optimizer, **config)
 
 
-def _store_key(path):
+def _store_key(kind, path):
     # HDF5 reads '/' in a key as nested groups, which `store.keys()` hides.
-    return "average:" + path.replace("/", "|")
+    return f"{kind}:" + path.replace("/", "|")
