@@ -76,11 +76,18 @@ def _shadow_update(shadow, weight, rate):
     )
 
 
-@tf.function(jit_compile=True, autograph=False)
-def _fused_update(pairs, rates):
-    """`_shadow_update` for many variables, compiled into one XLA cluster."""
-    for shadow, weight in pairs:
-        _shadow_update(shadow, weight, rates[shadow.dtype.name])
+def _fused_update_function(pairs):
+    """`_shadow_update` for all `pairs`, compiled into one XLA cluster.
+
+    The function closes over the variables (rather than taking them as
+    arguments), so each average traces its own.
+    """
+
+    def update(rates):
+        for shadow, weight in pairs:
+            _shadow_update(shadow, weight, rates[shadow.dtype.name])
+
+    return tf.function(update, jit_compile=True, autograph=False)
 
 
 def _size(variable) -> int:
@@ -186,6 +193,7 @@ class ExponentialMovingAverage(tf.Module):
             _strategy=None,
             _copy_first_step=False,
             _fused=[],
+            _fused_update=None,
             _unfused=[],
         )
 
@@ -252,12 +260,14 @@ class ExponentialMovingAverage(tf.Module):
             _strategy=strategy,
         )
         pairs = list(zip(self._shadows, variables))
+        fused = [
+            (_tf_variable(shadow), _tf_variable(variable))
+            for shadow, variable in pairs
+            if _size(variable) >= FUSE_MIN_SIZE
+        ]
         self._set_untracked(
-            _fused=[
-                (_tf_variable(shadow), _tf_variable(variable))
-                for shadow, variable in pairs
-                if _size(variable) >= FUSE_MIN_SIZE
-            ],
+            _fused=fused,
+            _fused_update=_fused_update_function(fused) if fused else None,
             _unfused=[p for p in pairs if _size(p[1]) < FUSE_MIN_SIZE],
         )
         # A dict keyed by relative path, so that checkpoints match shadows to
@@ -449,7 +459,7 @@ class ExponentialMovingAverage(tf.Module):
         # twice the memory traffic of one fused loop; an inner XLA function
         # fuses them. It pays off for large variables only: an XLA launch has
         # a fixed cost per argument.
-        _fused_update(self._fused, rates)
+        self._fused_update(rates)
         self._for_each_shadow(strategy, _shadow_update, rates, self._unfused)
 
     def _for_each_shadow(self, strategy, fn, rates=None, pairs=None):
