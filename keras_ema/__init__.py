@@ -3,7 +3,7 @@
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.callbacks import EMACheckpoint, EMASwap
-from keras_ema.export import ema_weights
+from keras_ema.export import ema_weights, export_saved_model
 from keras_ema.optimizer import EMAOptimizer
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "EMASwap",
     "ExponentialMovingAverage",
     "ema_weights",
+    "export_saved_model",
     "schedules",
 ]
 __version__ = "0.1.0"

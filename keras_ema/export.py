@@ -1,13 +1,21 @@
-"""The averaged weights for saving and serving: `ema_weights`."""
+"""The averaged weights for saving and serving: `ema_weights`,
+`export_saved_model`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import keras
+import tensorflow as tf
 
 from keras_ema.model_average import ModelAverage
+
+EXPORT_WEIGHTS = ("ema", "raw")
 
 
 @contextlib.contextmanager
@@ -60,3 +68,153 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
         average.in_context = False
         if swapped_here and average.is_swapped:
             average.swap_out()
+
+
+@contextlib.contextmanager
+def _raw_weights(model: keras.Model) -> Iterator[keras.Model]:
+    """Context manager: the model holds its raw weights inside."""
+    average = ModelAverage.find(model)
+    swapped = average is not None and average.is_swapped
+    if swapped:
+        average.swap_out()
+    try:
+        yield model
+    finally:
+        if swapped:
+            average.swap_in()
+
+
+def average_metadata(model: keras.Model) -> dict:
+    """A JSON-able description of the model's average (empty without one)."""
+    average = ModelAverage.find(model)
+    if average is None:
+        return {}
+    if average.kind == "keras_ema":
+        averager = average.optimizer.averager
+        config = averager.get_config()
+        return {
+            "source": "keras_ema.EMAOptimizer",
+            "decay": config["decay"],
+            "update_every": config["update_every"],
+            "start_step": config["start_step"],
+            "init": config["init"],
+            "shadow_dtype": config["shadow_dtype"],
+            "step": int(averager.step.numpy()),
+            "current_decay": average.current_decay(),
+        }
+    return {
+        "source": "keras use_ema",
+        "decay": float(average.optimizer.ema_momentum),
+        "step": int(average.optimizer.iterations.numpy()),
+        "current_decay": average.current_decay(),
+    }
+
+
+def export_saved_model(
+    model: keras.Model,
+    path: str | os.PathLike,
+    weights: str = "ema",
+    overwrite: bool = False,
+    input_signature=None,
+) -> str:
+    """Exports a TensorFlow SavedModel for serving, with the averaged weights.
+
+    The SavedModel has a `serve` endpoint (the model's forward pass, as
+    `model.export` writes it) holding only the chosen weights, and an
+    `ema_info` endpoint returning the average's description (decay
+    configuration and step) as a JSON string, also written to
+    `assets.extra/keras_ema.json`. The export is written to a temporary
+    directory beside `path` and renamed into place: a failure leaves no
+    half-written export, and the model's raw weights in place.
+
+    Args:
+        model: A Keras model whose optimizer keeps an average (for
+            `weights="raw"` any Keras model).
+        path: The directory to create.
+        weights: `"ema"` (the averaged weights) or `"raw"`.
+        overwrite: Replace an existing `path`; otherwise refuse.
+        input_signature: Optional input signature for `serve`, as for
+            `model.export`; by default the model's inputs.
+
+    Returns:
+        The path of the export.
+
+    Example:
+
+    ```python
+    keras_ema.export_saved_model(model, "saved_models/classifier")
+    served = tf.saved_model.load("saved_models/classifier")
+    probabilities = served.serve(images)
+    json.loads(served.ema_info().numpy())["step"]
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {path!r}.")
+    if weights not in EXPORT_WEIGHTS:
+        raise ValueError(f"`weights` must be one of {EXPORT_WEIGHTS}, got {weights!r}.")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"`path` {path!r} exists; pass `overwrite=True` to replace it."
+        )
+    if weights == "ema":
+        ModelAverage.of(model)  # a clear error now, before writing anything
+    if input_signature is None:
+        input_signature = _input_signature(model)
+    metadata = {"weights": weights, "average": average_metadata(model)}
+    metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
+
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        holding = ema_weights if weights == "ema" else _raw_weights
+        with holding(model):
+            archive = keras.export.ExportArchive()
+            archive.track_and_add_endpoint("serve", model, input_signature)
+            archive.add_endpoint("ema_info", _constant_function(metadata_json))
+            archive.write_out(staging, verbose=False)
+        extra = os.path.join(staging, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, "keras_ema.json"), "w") as file:
+            file.write(metadata_json + "\n")
+        _move_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _constant_function(text):
+    function = tf.function(lambda: tf.constant(text), input_signature=[])
+    function()
+    return function
+
+
+def _input_signature(model):
+    try:
+        from keras.src.export.export_utils import get_input_signature
+    except ImportError:  # older Keras 3: the model's symbolic inputs
+        return [
+            keras.InputSpec(shape=tensor.shape, dtype=tensor.dtype)
+            for tensor in model.inputs
+        ]
+    return get_input_signature(model)
+
+
+def _move_into_place(staging, path):
+    """Renames `staging` to `path`, replacing an existing `path` last."""
+    if not os.path.exists(path):
+        os.rename(staging, path)
+        return
+    retired = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path)
+    )
+    os.rmdir(retired)
+    os.rename(path, retired)
+    os.rename(staging, path)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,156 @@
+"""The `keras-ema` command line: export and inspect training checkpoints.
+
+    keras-ema export CHECKPOINT.keras OUT_DIR [--weights ema|raw] [--overwrite]
+    keras-ema inspect CHECKPOINT.keras
+
+Exit codes: 0 on success, 2 for bad input (a missing file, a file that is not
+a Keras model, a model without an average, an existing output directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+USAGE_ERROR = 2
+
+
+class CommandError(Exception):
+    """A bad input the command reports in one line, exiting with code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `keras-ema` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"keras-ema {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-ema",
+        description="Export and inspect the moving average of Keras checkpoints.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export",
+        help="write a SavedModel with the averaged weights of a .keras checkpoint",
+    )
+    export.add_argument(
+        "checkpoint",
+        help="a .keras file saved from a model compiled with keras_ema.EMAOptimizer",
+    )
+    export.add_argument("out_dir", help="the SavedModel directory to create")
+    export.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="which weights to export (default: ema)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists"
+    )
+    export.set_defaults(run=_export)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="print a checkpoint's average: configuration, step, "
+        "distance from the raw weights",
+    )
+    inspect.add_argument("checkpoint", help="a .keras file")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def _load(path):
+    """Loads a .keras checkpoint whose optimizer keeps a keras_ema average."""
+    if not os.path.exists(path):
+        raise CommandError(f"{path}: no such file")
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        raise CommandError(f"{path}: not a Keras model file (.keras)")
+    import keras
+
+    import keras_ema  # noqa: F401  (registers EMAOptimizer and the schedules)
+    from keras_ema.model_average import ModelAverage
+
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:  # noqa: BLE001 (Keras raises many kinds)
+        raise CommandError(f"{path}: not a loadable Keras model ({error})") from None
+    average = ModelAverage.find(model)
+    if average is None or average.kind != "keras_ema":
+        raise CommandError(
+            f"{path}: the model keeps no keras_ema average (its optimizer is "
+            f"{type(getattr(model, 'optimizer', None)).__name__}); compile it with "
+            "keras_ema.EMAOptimizer"
+        )
+    return model, average
+
+
+def _export(args):
+    if os.path.exists(args.out_dir) and not args.overwrite:
+        raise CommandError(f"{args.out_dir} exists; pass --overwrite to replace it")
+    model, _ = _load(args.checkpoint)
+    from keras_ema.export import export_saved_model
+
+    path = export_saved_model(
+        model, args.out_dir, weights=args.weights, overwrite=args.overwrite
+    )
+    print(f"wrote {path} ({args.weights} weights)")
+    return 0
+
+
+def _inspect(args):
+    import numpy as np
+
+    from keras_ema.export import average_metadata
+
+    model, average = _load(args.checkpoint)
+    averager = average.optimizer.averager
+    metadata = average_metadata(model)
+    decay = metadata["decay"]
+    print(f"checkpoint:    {args.checkpoint}")
+    inner = type(average.optimizer.inner_optimizer).__name__
+    print(f"optimizer:     EMAOptimizer({inner})")
+    print(f"decay:         {decay['class_name']}({_arguments(decay['config'])})")
+    for key in ("update_every", "start_step", "init", "shadow_dtype", "step"):
+        print(f"{key + ':':15s}{metadata[key]}")
+    print(f"current decay: {metadata['current_decay']:.6g}")
+    held = "the average" if average.is_swapped else "the raw weights"
+    print(f"model holds:   {held}")
+    if average.is_swapped:
+        raw_values = [np.asarray(v) for v in averager._swap.raw_values]
+    else:
+        raw_values = [v.numpy() for v in averager.averaged_variables]
+    rows = []
+    for path, shadow, raw in zip(
+        averager.shadows_by_path, averager.shadows, raw_values
+    ):
+        raw = raw.astype(np.float64)
+        shadow = shadow.numpy().astype(np.float64)
+        norm = np.linalg.norm(raw)
+        distance = np.linalg.norm(shadow - raw) / norm if norm else float("nan")
+        rows.append((path, "x".join(map(str, raw.shape)) or "scalar", distance))
+    width = max(len("variable"), *(len(row[0]) for row in rows))
+    print()
+    print(f"{'variable':{width}s}  {'shape':>12s}  {'|avg - raw| / |raw|':>19s}")
+    for path, shape, distance in rows:
+        print(f"{path:{width}s}  {shape:>12s}  {distance:19.3e}")
+    return 0
+
+
+def _arguments(config):
+    return ", ".join(f"{k}={v!r}" for k, v in config.items() if v is not None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
