@@ -248,6 +248,15 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         has_raw = bool(found & raw_keys)
         if has_raw:
             expected |= raw_keys
+        if found and all(key.isdigit() for key in found):
+            raise ValueError(
+                f"Cannot load the average of EMAOptimizer {self.name!r}: the "
+                f"file's optimizer state ({len(found)} numbered variables) was "
+                "saved without a keras_ema average. To start an average from "
+                "those weights, load them into the model compiled with the "
+                "plain optimizer, then train with "
+                "`keras_ema.EMASwap(decay=...)` or recompile with EMAOptimizer."
+            )
         if expected != found:
             missing = sorted(expected - found)
             unexpected = sorted(found - expected)

@@ -86,3 +86,17 @@ def test_load_mismatched_average_is_an_error(tmp_path):
         archive.extract("model.weights.h5", tmp_path)
     with pytest.raises(ValueError, match="does not match"):
         other.load_weights(tmp_path / "model.weights.h5")
+
+
+def test_load_weights_saved_without_average_is_an_error(tmp_path):
+    plain = make_model()
+    plain.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    plain.fit(*make_data(), batch_size=8, epochs=1, verbose=0)
+    plain.save_weights(tmp_path / "plain.weights.h5")
+
+    model = make_model(seed=3)
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="saved without a keras_ema average"):
+        model.load_weights(tmp_path / "plain.weights.h5")
