@@ -67,14 +67,15 @@ class ModelAverage:
 
     Args:
         model: The compiled Keras model.
-        swap: The `ExactSwap` between the model's variables and the average.
+        swaps: The `ExactSwap`s between the model's variables and the
+            average (trainable, and non-trainable where averaged).
         kind: `"keras_ema"` or `"keras_use_ema"`.
         optimizer: The optimizer holding the average.
     """
 
-    def __init__(self, model, swap: ExactSwap, kind: str, optimizer):
+    def __init__(self, model, swaps: list[ExactSwap], kind: str, optimizer):
         self.model = model
-        self.swap = swap
+        self.swaps = swaps
         self.kind = kind
         self.optimizer = optimizer
         self.in_context = False
@@ -97,8 +98,17 @@ class ModelAverage:
             if isinstance(candidate, EMAOptimizer):
                 if not candidate.built:
                     return None
-                averager = candidate.averager
-                return cls._cached(model, averager._swap, "keras_ema", candidate)
+                swaps = [candidate.averager._swap]
+                non_trainable = candidate.non_trainable_averager
+                if non_trainable is not None:
+                    if not non_trainable.built:
+                        with model.distribute_strategy.scope():
+                            candidate.track_non_trainable(model.non_trainable_variables)
+                        if model.train_function is not None:
+                            # Traced before the non-trainable average existed.
+                            model.make_train_function(force=True)
+                    swaps.append(non_trainable._swap)
+                return cls._cached(model, swaps, "keras_ema", candidate)
         for candidate in chain:
             if getattr(candidate, "use_ema", False):
                 if not getattr(candidate, "built", False):
@@ -111,7 +121,7 @@ class ModelAverage:
                         f"{candidate.name} (use_ema)",
                     )
                     _KERAS_SWAPS[candidate] = swap
-                return cls._cached(model, swap, "keras_use_ema", candidate)
+                return cls._cached(model, [swap], "keras_use_ema", candidate)
         return None
 
     @classmethod
@@ -151,29 +161,31 @@ class ModelAverage:
         return cls.of(model)
 
     @classmethod
-    def _cached(cls, model, swap, kind, optimizer):
-        average = _MODEL_AVERAGES.get(swap)
+    def _cached(cls, model, swaps, kind, optimizer):
+        average = _MODEL_AVERAGES.get(swaps[0])
         if average is None or average.model is not model:
-            average = cls(model, swap, kind, optimizer)
-            _MODEL_AVERAGES[swap] = average
+            average = cls(model, swaps, kind, optimizer)
+            _MODEL_AVERAGES[swaps[0]] = average
         return average
 
     @property
     def is_swapped(self) -> bool:
         """Whether the model holds the averaged weights."""
-        return self.swap.is_swapped
+        return self.swaps[0].is_swapped
 
     def swap_in(self) -> None:
         """Puts the average into the model; training is blocked until
         `swap_out`."""
-        self.swap.swap_in()
+        for swap in self.swaps:
+            swap.swap_in()
         model = self.model
         if not isinstance(model.train_function, _TrainingBlocked):
             model.train_function = _TrainingBlocked(model, model.train_function, self)
 
     def swap_out(self) -> None:
         """Puts the raw weights back, bit for bit."""
-        self.swap.swap_out()
+        for swap in self.swaps:
+            swap.swap_out()
         blocked = self.model.train_function
         if isinstance(blocked, _TrainingBlocked):
             self.model.train_function = blocked.previous

@@ -10,6 +10,7 @@ from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 
 LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
+NON_TRAINABLE_MODES = ("live", "average")
 
 _BASE_OPTIMIZER_ARGS = (
     "learning_rate",
@@ -83,6 +84,7 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         start_step: int = 0,
         init: str = "weights",
         shadow_dtype: str = "float32",
+        non_trainable: str = "live",
         name: str | None = None,
         **kwargs,
     ):
@@ -98,18 +100,34 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 f"EMAOptimizer does not take {unsupported}."
                 + (f" Set {where} on the `inner_optimizer` instead." if where else "")
             )
-        averager = ExponentialMovingAverage(
+        if non_trainable not in NON_TRAINABLE_MODES:
+            raise ValueError(
+                f"`non_trainable` must be one of {NON_TRAINABLE_MODES}, got "
+                f"{non_trainable!r}."
+            )
+        config = dict(
             decay=decay,
             update_every=update_every,
             start_step=start_step,
             init=init,
             shadow_dtype=shadow_dtype,
-            name="average",
         )
+        averager = ExponentialMovingAverage(name="average", **config)
         super().__init__(learning_rate=0.0, name=name)
         self._outer_loss_scaling = False
         self.inner_optimizer = inner_optimizer
         self.averager = averager
+        self.non_trainable = non_trainable
+        # Float non-trainable state (BatchNorm's moving statistics) has its
+        # own average, with the same configuration and steps; integer state
+        # stays live. Keras builds optimizers on the trainable variables
+        # only, so these arrive through `track_non_trainable`.
+        self.non_trainable_averager = (
+            ExponentialMovingAverage(name="average_non_trainable", **config)
+            if non_trainable == "average"
+            else None
+        )
+        self._pending_non_trainable = None
 
     # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
     # it, meaning "I own loss scaling now". If this optimizer wraps a
@@ -152,6 +170,19 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
 
     def apply(self, grads, trainable_variables=None):
+        # Checked before anything is built: variables created in a trace
+        # that then fails are left unusable.
+        averagers = [self.averager]
+        if self.non_trainable_averager is not None:
+            if not self.non_trainable_averager.built:
+                raise ValueError(
+                    "EMAOptimizer(non_trainable='average') needs the model's "
+                    "non-trainable variables: train with "
+                    "`callbacks=[keras_ema.EMASwap()]` or call "
+                    "`optimizer.track_non_trainable(model.non_trainable_variables)`"
+                    " before training."
+                )
+            averagers.append(self.non_trainable_averager)
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
@@ -164,12 +195,42 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         stepper = self._stepping_optimizer
         if not self._may_skip_steps():
             stepper.apply(grads, trainable_variables)
-            self.averager.update()
+            for averager in averagers:
+                averager.update()
             return
         before = tf.identity(stepper.iterations)
         stepper.apply(grads, trainable_variables)
-        after = tf.identity(stepper.iterations)
-        self.averager.update(applied=tf.not_equal(after, before))
+        applied = tf.not_equal(tf.identity(stepper.iterations), before)
+        for averager in averagers:
+            averager.update(applied=applied)
+
+    def track_non_trainable(self, variables) -> None:
+        """Averages the model's float non-trainable variables too.
+
+        For `non_trainable="average"`: call it with
+        `model.non_trainable_variables` before training (`EMASwap`,
+        `ema_weights` and `export_saved_model` do it for you). Integer
+        variables are left live. Calling it again is a no-op.
+
+        Args:
+            variables: The model's non-trainable variables.
+        """
+        averager = self.non_trainable_averager
+        if averager is None:
+            raise ValueError(
+                "`track_non_trainable` is for EMAOptimizer(non_trainable="
+                "'average'); this one keeps non-trainable variables live."
+            )
+        if averager.built:
+            return
+        floats = [
+            v for v in variables if tf.as_dtype(v.dtype).is_floating and not v.trainable
+        ]
+        averager.build(floats)
+        averager.step.assign(self.averager.step)
+        if self._pending_non_trainable is not None:
+            _load_average(averager, self._pending_non_trainable, "non_trainable")
+            self._pending_non_trainable = None
 
     def _may_skip_steps(self):
         """Whether a call to the wrapped optimizer may apply no update.
@@ -194,11 +255,14 @@ class EMAOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return (
+        variables = (
             self._variables[:]
             + self.inner_optimizer.variables
             + self.averager.variables
         )
+        if self.non_trainable_averager is not None:
+            variables += self.non_trainable_averager.variables
+        return variables
 
     @property
     def learning_rate(self):
@@ -225,14 +289,10 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         # the average is saved by path, so it loads into the right variables.
         # Saved while the model holds the average, the file also keeps the
         # raw weights, so that nothing is lost.
-        averager = self.averager
-        store["step"] = averager.step.numpy()
-        paths = list(averager.shadows_by_path)
-        for path, shadow in zip(paths, averager.shadows):
-            store[_store_key("average", path)] = shadow.numpy()
-        if averager.is_swapped:
-            for path, raw in zip(paths, averager._swap.raw_values):
-                store[_store_key("raw", path)] = raw.numpy()
+        _save_average(self.averager, store, "")
+        averager = self.non_trainable_averager
+        if averager is not None and averager.built:
+            _save_average(averager, store, "non_trainable")
 
     def load_own_variables(self, store):
         if not self.built:
@@ -240,14 +300,7 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 f"EMAOptimizer {self.name!r} must be built before loading its "
                 "average: call `optimizer.build(model.trainable_variables)`."
             )
-        averager = self.averager
-        paths = list(averager.shadows_by_path)
-        expected = {"step"} | {_store_key("average", p) for p in paths}
-        raw_keys = {_store_key("raw", p) for p in paths}
         found = set(store.keys())
-        has_raw = bool(found & raw_keys)
-        if has_raw:
-            expected |= raw_keys
         if found and all(key.isdigit() for key in found):
             raise ValueError(
                 f"Cannot load the average of EMAOptimizer {self.name!r}: the "
@@ -257,28 +310,28 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 "plain optimizer, then train with "
                 "`keras_ema.EMASwap(decay=...)` or recompile with EMAOptimizer."
             )
-        if expected != found:
-            missing = sorted(expected - found)
-            unexpected = sorted(found - expected)
+        non_trainable = {
+            key: store[key] for key in found if key.startswith("non_trainable")
+        }
+        averager = self.non_trainable_averager
+        if averager is None and non_trainable:
             raise ValueError(
-                f"Cannot load the average of EMAOptimizer {self.name!r}: the "
-                f"saved average does not match this model's variables. "
-                f"Missing from the file: {missing[:5]}; in the file but not "
-                f"in the model: {unexpected[:5]}."
+                f"The file averages non-trainable variables, but EMAOptimizer "
+                f"{self.name!r} has non_trainable='live'."
             )
-        averager.step.assign(store["step"])
-        for path, shadow in zip(paths, averager.shadows):
-            shadow.assign(store[_store_key("average", path)])
-        # The model's weights come from the same file: the averaged ones if
-        # it was saved while swapped, with the raw ones kept aside again.
-        averager._swap.raw_values = (
-            [
-                tf.constant(np.asarray(store[_store_key("raw", p)]), dtype=v.dtype)
-                for p, v in zip(paths, averager.averaged_variables)
-            ]
-            if has_raw
-            else None
-        )
+        if averager is not None and not non_trainable:
+            raise ValueError(
+                f"EMAOptimizer {self.name!r} has non_trainable='average', but "
+                "the file holds no average of non-trainable variables."
+            )
+        trainable = {key: store[key] for key in found - set(non_trainable)}
+        _load_average(self.averager, trainable, "", self.name)
+        if averager is not None:
+            if averager.built:
+                _load_average(averager, non_trainable, "non_trainable", self.name)
+            else:
+                # Loaded before the model's non-trainable variables are known.
+                self._pending_non_trainable = non_trainable
 
     def get_config(self):
         averager_config = self.averager.get_config()
@@ -289,6 +342,7 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                 self.inner_optimizer
             ),
             **averager_config,
+            "non_trainable": self.non_trainable,
         }
 
     @classmethod
@@ -301,6 +355,51 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         return cls(inner_optimizer, **config)
 
 
-def _store_key(kind, path):
+def _store_key(prefix, kind, path=None):
     # HDF5 reads '/' in a key as nested groups, which `store.keys()` hides.
-    return f"{kind}:" + path.replace("/", "|")
+    key = f"{prefix}_{kind}" if prefix else kind
+    return key if path is None else f"{key}:" + path.replace("/", "|")
+
+
+def _save_average(averager, store, prefix):
+    store[_store_key(prefix, "step")] = averager.step.numpy()
+    paths = list(averager.shadows_by_path)
+    for path, shadow in zip(paths, averager.shadows):
+        store[_store_key(prefix, "average", path)] = shadow.numpy()
+    if averager.is_swapped:
+        for path, raw in zip(paths, averager._swap.raw_values):
+            store[_store_key(prefix, "raw", path)] = raw.numpy()
+
+
+def _load_average(averager, values, prefix, name="EMAOptimizer"):
+    """Loads `values` (key -> array) saved by `_save_average` into `averager`."""
+    paths = list(averager.shadows_by_path)
+    expected = {_store_key(prefix, "step")}
+    expected |= {_store_key(prefix, "average", p) for p in paths}
+    raw_keys = {_store_key(prefix, "raw", p) for p in paths}
+    found = set(values)
+    has_raw = bool(found & raw_keys)
+    if has_raw:
+        expected |= raw_keys
+    if expected != found:
+        missing = sorted(expected - found)
+        unexpected = sorted(found - expected)
+        raise ValueError(
+            f"Cannot load the average of EMAOptimizer {name!r}: the saved "
+            "average does not match this model's variables. Missing from the "
+            f"file: {missing[:5]}; in the file but not in the model: "
+            f"{unexpected[:5]}."
+        )
+    averager.step.assign(values[_store_key(prefix, "step")])
+    for path, shadow in zip(paths, averager.shadows):
+        shadow.assign(values[_store_key(prefix, "average", path)])
+    # The model's weights come from the same file: the averaged ones if it
+    # was saved while swapped, with the raw ones kept aside again.
+    averager._swap.raw_values = (
+        [
+            tf.constant(np.asarray(values[_store_key(prefix, "raw", p)]), dtype=v.dtype)
+            for p, v in zip(paths, averager.averaged_variables)
+        ]
+        if has_raw
+        else None
+    )
