@@ -2,6 +2,7 @@
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.batchnorm import recompute_batchnorm
 from keras_ema.callbacks import EMACheckpoint, EMASwap
 from keras_ema.export import ema_weights, export_saved_model
 from keras_ema.optimizer import EMAOptimizer
@@ -13,6 +14,7 @@ __all__ = [
     "ExponentialMovingAverage",
     "ema_weights",
     "export_saved_model",
+    "recompute_batchnorm",
     "schedules",
 ]
 __version__ = "0.1.0"
