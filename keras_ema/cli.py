@@ -14,8 +14,6 @@ import os
 import sys
 import zipfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 USAGE_ERROR = 2
 
 

@@ -169,11 +169,19 @@ def export_saved_model(
     metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
 
     parent = os.path.dirname(path)
+    created_parent = not os.path.exists(parent)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
-        holding = ema_weights if weights == "ema" else _raw_weights
-        with holding(model):
+        if weights == "raw":
+            holding = _raw_weights(model)
+        elif ModelAverage.of(model).is_swapped:
+            # Already holding the average (inside `ema_weights`, or left by
+            # EMASwap): export it as it is.
+            holding = contextlib.nullcontext()
+        else:
+            holding = ema_weights(model)
+        with holding:
             archive = keras.export.ExportArchive()
             archive.track_and_add_endpoint("serve", model, input_signature)
             archive.add_endpoint("ema_info", _constant_function(metadata_json))
@@ -185,6 +193,8 @@ def export_saved_model(
         _move_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_parent and not os.listdir(parent):
+            os.rmdir(parent)
         raise
     return path
 
@@ -217,4 +227,7 @@ def _move_into_place(staging, path):
     os.rmdir(retired)
     os.rename(path, retired)
     os.rename(staging, path)
-    shutil.rmtree(retired, ignore_errors=True)
+    if os.path.isdir(retired):
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.remove(retired)
