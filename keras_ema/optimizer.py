@@ -128,6 +128,37 @@ class EMAOptimizer(keras.optimizers.Optimizer):
             else None
         )
         self._pending_non_trainable = None
+        self._set_attached([])
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def _set_attached(self, averagers):
+        # Attached averages keep their own state (PostHocEMA's snapshots);
+        # they are not part of this optimizer's saved state.
+        self._attached = averagers
+
+    def attach(self, averager: ExponentialMovingAverage) -> None:
+        """Updates another built average at every step, after this one's.
+
+        The attached average runs in the same compiled train step, with the
+        same rule for skipped steps; it is not saved with the optimizer.
+        Rebuild the train function (`model.make_train_function(force=True)`)
+        if it was traced before. `keras_ema.PostHocEMA` uses it.
+
+        Args:
+            averager: A built `keras_ema.ExponentialMovingAverage`.
+        """
+        if not isinstance(averager, ExponentialMovingAverage) or not averager.built:
+            raise TypeError(
+                "`averager` must be a built keras_ema.ExponentialMovingAverage, "
+                f"got {averager!r}."
+            )
+        if any(a is averager for a in self._attached):
+            return
+        self._set_attached(self._attached + [averager])
+
+    def detach(self, averager: ExponentialMovingAverage) -> None:
+        """Stops updating an average attached with `attach`."""
+        self._set_attached([a for a in self._attached if a is not averager])
 
     # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
     # it, meaning "I own loss scaling now". If this optimizer wraps a
@@ -183,6 +214,7 @@ class EMAOptimizer(keras.optimizers.Optimizer):
                     " before training."
                 )
             averagers.append(self.non_trainable_averager)
+        averagers += self._attached
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
