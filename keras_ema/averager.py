@@ -90,6 +90,19 @@ def _fused_update_function(pairs):
     return tf.function(update, jit_compile=True, autograph=False)
 
 
+def _initial_value(variable):
+    """The variable's current value (a snapshot), or None if it has none yet."""
+    try:
+        # `tf.cast` would pass a variable of the same dtype through, aliasing
+        # the weight; `convert_to_tensor` reads a snapshot.
+        value = tf.convert_to_tensor(_tf_variable(variable))
+    except (ValueError, TypeError, tf.errors.OpError):
+        return None
+    if value.shape != tuple(variable.shape):
+        return None
+    return value
+
+
 def _size(variable) -> int:
     return int(np.prod(variable.shape))
 
@@ -223,6 +236,10 @@ class ExponentialMovingAverage(tf.Module):
             )
         variables = _check_variables(variables)
         strategy = tf.distribute.get_strategy()
+        # Variables created in the function being traced (a model that fit
+        # builds at its first step) have no value yet: their shadows start at
+        # zero and the first update copies the weights it is given.
+        unreadable = False
         shadows = {}
         # The initial values are read eagerly so that building on the first
         # trace of a tf.function creates ordinary, initialised variables.
@@ -241,9 +258,10 @@ class ExponentialMovingAverage(tf.Module):
                     *parents, leaf = path.split("/")
                     for parent in parents:
                         scopes.enter_context(keras.name_scope(parent))
-                    # A snapshot of the value: `tf.cast` passes a variable of
-                    # the same dtype through, which would alias the weight.
-                    initial = tf.convert_to_tensor(_tf_variable(variable))
+                    initial = _initial_value(variable)
+                    if initial is None:
+                        unreadable = True
+                        initial = tf.zeros(variable.shape, dtype)
                     shadows[path] = keras.Variable(
                         tf.cast(initial, dtype),
                         dtype=dtype,
@@ -257,6 +275,7 @@ class ExponentialMovingAverage(tf.Module):
             _shadows=list(shadows.values()),
             _index={_variable_key(v): i for i, v in enumerate(variables)},
             _swap=ExactSwap(variables, list(shadows.values()), self.name),
+            _copy_first_step=unreadable,
             _strategy=strategy,
         )
         pairs = list(zip(self._shadows, variables))
@@ -389,7 +408,7 @@ class ExponentialMovingAverage(tf.Module):
         """
         self._check_built("update")
         if self.is_swapped:
-            raise ValueError(
+            raise RuntimeError(
                 f"The variables hold the averages of {self.name!r} (swapped "
                 "in); updating now would average the average. Call "
                 "`swap_out()` before training."

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import keras
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.export import ema_weights
-from keras_ema.model_average import ModelAverage
+from keras_ema.model_average import ModelAverage, optimizer_chain
+from keras_ema.optimizer import EMAOptimizer
 
 EVALUATE_MODES = ("ema", "both")
+# Models in a fit with an EMASwap: their val_* metrics are the average's.
+_FITTING_WITH_EMASWAP = weakref.WeakSet()
 TRAIN_END_MODES = ("ema", "raw")
 
 
@@ -131,7 +135,19 @@ class EMASwap(keras.callbacks.Callback):
     # ------------------------------------------------------------ training
 
     def on_train_begin(self, logs=None):
+        _FITTING_WITH_EMASWAP.add(self.model)
+        self._in_fit = True
         average = ModelAverage.find(self.model, build=True)
+        chain = optimizer_chain(getattr(self.model, "optimizer", None))
+        has_source = any(
+            isinstance(o, EMAOptimizer) or getattr(o, "use_ema", False) for o in chain
+        )
+        if average is None and has_source:
+            # A model that fit builds at its first step (subclassed, or no
+            # Input): its optimizer, and the average, are built then too.
+            self._average = None
+            self._begin_with(None, chain)
+            return
         if average is None:
             if self._install_config is None:
                 raise ValueError(
@@ -146,12 +162,22 @@ class EMASwap(keras.callbacks.Callback):
             # Left holding the average by an earlier fit: resume from raw.
             average.swap_out()
         self._average = average
-        self._in_fit = True
-        if average.kind == "keras_use_ema":
-            self._suspend_keras_finalize(average.optimizer)
+        self._begin_with(average, chain)
+
+    def _begin_with(self, average, chain):
+        for optimizer in chain:
+            if getattr(optimizer, "use_ema", False):
+                self._suspend_keras_finalize(optimizer)
+
+    @property
+    def _model_average(self):
+        """The average; found at first use for models built by fit."""
+        if self._average is None:
+            self._average = ModelAverage.of(self.model)
+        return self._average
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._average.is_swapped:
+        if self._average is not None and self._average.is_swapped:
             self._average.swap_out()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -160,14 +186,17 @@ class EMASwap(keras.callbacks.Callback):
         validated = any(key.startswith("val_") for key in logs)
         if self.evaluate == "both" and validated:
             logs.update(self._evaluate_raw())
-        logs["ema_decay"] = self._average.current_decay()
+        logs["ema_decay"] = self._model_average.current_decay()
         if self.swap_on_epoch and not self._average.is_swapped:
             self._average.swap_in()
 
     def on_train_end(self, logs=None):
         self._in_fit = False
+        _FITTING_WITH_EMASWAP.discard(self.model)
         self._restore_keras_finalize()
-        average = self._average
+        if self._average is None and ModelAverage.find(self.model) is None:
+            return  # stopped before the first step
+        average = self._model_average
         if self.on_train_end_mode == "ema" and not average.is_swapped:
             average.swap_in()
         elif self.on_train_end_mode == "raw" and average.is_swapped:
@@ -175,7 +204,7 @@ class EMASwap(keras.callbacks.Callback):
 
     def _evaluate_raw(self):
         """The raw weights' metrics on fit's validation data, as `val_raw_*`."""
-        swapped = self._average.is_swapped
+        swapped = self._model_average.is_swapped
         if swapped:
             self._average.swap_out()
         try:
@@ -192,8 +221,9 @@ class EMASwap(keras.callbacks.Callback):
     def _suspend_keras_finalize(self, optimizer):
         # Keras's use_ema copies its average over the weights at the end of
         # fit, which would lose the raw weights; keep them, and swap instead.
-        optimizer.finalize_variable_values = _keep_raw_weights
-        self._suspended_finalize = optimizer
+        if self._suspended_finalize is None:
+            optimizer.finalize_variable_values = _keep_raw_weights
+            self._suspended_finalize = optimizer
 
     def _restore_keras_finalize(self):
         if self._suspended_finalize is not None:
@@ -204,7 +234,7 @@ class EMASwap(keras.callbacks.Callback):
 
     def _begin_judging(self):
         if self._in_fit:
-            average = self._average
+            average = self._model_average
         else:
             average = ModelAverage.of(self.model)
             self._average = average
@@ -248,8 +278,11 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
     keeps the raw weights and the optimizer state, so training can resume
     from it (pass `EMASwap()` to that `fit`).
 
-    The monitored metric should be the average's: list `EMASwap()` before
-    this callback, so that `val_*` are the averaged weights' metrics.
+    The monitored metric should be the average's: add `EMASwap()` to the
+    same fit, so that `val_*` are the averaged weights' metrics (it warns
+    otherwise). With Keras's `use_ema=True` as the source, the file holds
+    the averaged weights only: Keras's optimizer keeps no copy of the raw
+    ones in its state.
 
     Example:
 
@@ -270,13 +303,12 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
         if (
             not self._warned
             and self.monitor.startswith("val_")
-            and "ema_decay" not in (logs or {})
-            and batch is None
+            and self.model not in _FITTING_WITH_EMASWAP
         ):
             warnings.warn(
-                f"EMACheckpoint monitors {self.monitor!r}, but no EMASwap ran "
-                "before it this epoch, so validation used the raw weights. "
-                "List keras_ema.EMASwap() before EMACheckpoint.",
+                f"EMACheckpoint monitors {self.monitor!r}, but this fit has no "
+                "EMASwap, so validation uses the raw weights. Add "
+                "keras_ema.EMASwap() to the callbacks.",
                 stacklevel=2,
             )
             self._warned = True

@@ -30,6 +30,18 @@ def optimizer_chain(optimizer):
     return chain
 
 
+_TRAINING_WHILE_SWAPPED = (
+    "This model holds its averaged (EMA) weights, not the weights it trains "
+    "on: training now would train the average. Pass `keras_ema.EMASwap()` to "
+    "`fit` (it resumes from the raw weights), or call "
+    "`keras_ema.EMASwap.restore_raw_weights(model)` first."
+)
+
+
+def _refuse_to_train(*args, **kwargs):
+    raise RuntimeError(_TRAINING_WHILE_SWAPPED)
+
+
 class _TrainingBlocked:
     """Stands in for `model.train_function` while the average is swapped in.
 
@@ -45,13 +57,7 @@ class _TrainingBlocked:
 
     def __call__(self, *args, **kwargs):
         if self.average.is_swapped:
-            raise RuntimeError(
-                "This model holds its averaged (EMA) weights, not the weights "
-                "it trains on: training now would train the average. Pass "
-                "`keras_ema.EMASwap()` to `fit` (it resumes from the raw "
-                "weights), or call `keras_ema.EMASwap.restore_raw_weights("
-                "model)` first."
-            )
+            raise RuntimeError(_TRAINING_WHILE_SWAPPED)
         self.model.train_function = self.previous
         if self.previous is None:
             self.model.make_train_function()
@@ -139,12 +145,13 @@ class ModelAverage:
         return average
 
     @classmethod
-    def install(cls, model, **average_config) -> ModelAverage:
+    def install(cls, model, **average_config) -> ModelAverage | None:
         """Wraps the model's optimizer in an `EMAOptimizer`.
 
         The train function is rebuilt so that the average's update runs
         inside the compiled train step, and the compile config is updated so
-        that `model.save` records the wrapper.
+        that `model.save` records the wrapper. Returns None if the model is
+        not built yet (fit builds it, and the wrapper, at its first step).
         """
         inner = getattr(model, "optimizer", None)
         if inner is None:
@@ -158,7 +165,7 @@ class ModelAverage:
         if compile_config is not None:
             compile_config.config["optimizer"] = optimizer
         model.make_train_function(force=True)
-        return cls.of(model)
+        return cls.find(model)
 
     @classmethod
     def _cached(cls, model, swaps, kind, optimizer):
@@ -178,6 +185,10 @@ class ModelAverage:
         `swap_out`."""
         for swap in self.swaps:
             swap.swap_in()
+        if self.kind == "keras_use_ema":
+            # Recompiling resets the train function, and Keras's optimizer has
+            # no check of its own: block its steps too.
+            self.optimizer.apply = _refuse_to_train
         model = self.model
         if not isinstance(model.train_function, _TrainingBlocked):
             model.train_function = _TrainingBlocked(model, model.train_function, self)
@@ -186,6 +197,8 @@ class ModelAverage:
         """Puts the raw weights back, bit for bit."""
         for swap in self.swaps:
             swap.swap_out()
+        if self.kind == "keras_use_ema" and "apply" in vars(self.optimizer):
+            del self.optimizer.apply
         blocked = self.model.train_function
         if isinstance(blocked, _TrainingBlocked):
             self.model.train_function = blocked.previous

@@ -1,0 +1,488 @@
+"""Post-hoc EMA: choose the averaging length after training.
+
+Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion
+Models" (CVPR 2024): a power-function average with exponent gamma weighs the
+weights of step tau <= t in proportion to tau^gamma, i.e. with the profile
+
+    p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1),   0 <= tau <= t.
+
+Snapshots of two such averages, taken during training, span (in the least
+squares sense) the profiles of averages of any other length: after training
+`reconstruct` solves for the combination of snapshots whose profile is
+closest to the wanted one, and combines the snapshots' weights with it.
+
+`PostHocEMA` keeps the averages inside the compiled train step and writes
+the snapshots; `reconstruct`, `load_into` and `sweep` use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+
+from keras_ema import schedules
+from keras_ema.averager import ExponentialMovingAverage, relative_paths
+from keras_ema.model_average import optimizer_chain
+from keras_ema.optimizer import EMAOptimizer
+
+SNAPSHOT_DTYPES = ("float16", "float32")
+_SNAPSHOT = re.compile(r"^phema-(?P<sigma_rel>\d+\.\d+)-(?P<step>\d+)\.npz$")
+MODEL_FILE = "model.keras"
+
+
+# --------------------------------------------------------------- profile math
+
+
+def profile_inner_product(t_a, gamma_a, t_b, gamma_b):
+    """<p_{t_a,gamma_a}, p_{t_b,gamma_b}>, the L2 inner product of two profiles.
+
+    In closed form, with m = min(t_a, t_b):
+
+        (gamma_a + 1)(gamma_b + 1) m^(gamma_a + gamma_b + 1)
+        / ((gamma_a + gamma_b + 1) t_a^(gamma_a + 1) t_b^(gamma_b + 1))
+
+    Args:
+        t_a, gamma_a, t_b, gamma_b: Floats or broadcastable numpy arrays;
+            times > 0, exponents > 0.
+
+    Returns:
+        The inner products, in float64.
+    """
+    t_a, gamma_a, t_b, gamma_b = (
+        np.asarray(v, np.float64) for v in (t_a, gamma_a, t_b, gamma_b)
+    )
+    # Written with ratios (m/t <= 1) so that large steps do not overflow.
+    m = np.minimum(t_a, t_b)
+    return (
+        (gamma_a + 1)
+        * (gamma_b + 1)
+        * (m / t_a) ** (gamma_a + 1)
+        * (m / t_b) ** (gamma_b + 1)
+        / ((gamma_a + gamma_b + 1) * m)
+    )
+
+
+def solve_coefficients(steps, gammas, target_step, target_gamma):
+    """Least-squares coefficients of snapshot profiles for a target profile.
+
+    Solves `A x = b` with `A_ij = <p_i, p_j>` and `b_i = <p_i, p_target>` in
+    float64 (by least squares, as `A` is close to singular when snapshots
+    are dense), normalises `x` to sum to 1, and measures the fit.
+
+    Args:
+        steps, gammas: The snapshots' steps and exponents.
+        target_step, target_gamma: The profile to reconstruct.
+
+    Returns:
+        `(coefficients, error)`: the coefficients, and the fitting error
+        `|sum_i x_i p_i - p_target| / |p_target|` (relative L2).
+    """
+    steps = np.asarray(steps, np.float64)
+    gammas = np.asarray(gammas, np.float64)
+    a = profile_inner_product(steps[:, None], gammas[:, None], steps, gammas)
+    b = profile_inner_product(steps, gammas, target_step, target_gamma)
+    x = np.linalg.lstsq(a, b, rcond=None)[0]
+    x = x / x.sum()
+    target = profile_inner_product(target_step, target_gamma, target_step, target_gamma)
+    residual = max(float(x @ a @ x - 2 * x @ b + target), 0.0)
+    return x, float(np.sqrt(residual / target))
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+def snapshot_name(sigma_rel: float, step: int) -> str:
+    return f"phema-{sigma_rel:.6f}-{step:010d}.npz"
+
+
+def list_snapshots(directory) -> list[tuple[float, int, str]]:
+    """The snapshots in `directory` as `(sigma_rel, step, path)`, sorted."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"`directory` {directory!r} does not exist.")
+    found = []
+    for name in os.listdir(directory):
+        match = _SNAPSHOT.match(name)
+        if match:
+            found.append(
+                (
+                    float(match["sigma_rel"]),
+                    int(match["step"]),
+                    os.path.join(directory, name),
+                )
+            )
+    return sorted(found)
+
+
+def _write_atomically(path, write):
+    directory = os.path.dirname(path)
+    handle, staging = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    os.close(handle)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+
+
+def _read_snapshot(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+# ------------------------------------------------------------------- callback
+
+
+class PostHocEMA(keras.callbacks.Callback):
+    """Keeps power-function averages during training and snapshots them.
+
+    One `PowerFunction` average per `sigma_rel` is updated inside the
+    compiled train step (attached to the model's `EMAOptimizer`, which is
+    installed around the compiled optimizer if there is none). Every
+    `every_n_steps` optimizer steps each average is written to `directory`
+    as `phema-<sigma_rel>-<step>.npz` (a temporary file, then renamed). The
+    model itself is saved once as `model.keras` for `keras-ema posthoc`.
+
+    Resuming: when training restarts from a checkpoint taken at a snapshot's
+    step (e.g. `ModelCheckpoint(save_freq=every_n_steps)`), the averages
+    continue from those snapshots; snapshots of later steps, left by the
+    interrupted run, are removed (they are rewritten), so none is duplicated
+    or lost.
+
+    Args:
+        directory: Where snapshots go (created if needed).
+        sigma_rels: The relative lengths of the stored averages, in
+            (0, 0.2887); Karras et al. store 0.05 and 0.10.
+        every_n_steps: Optimizer steps between snapshots.
+        dtype: `"float16"` (half the disk) or `"float32"` snapshots.
+        update_every: Update the averages every this many steps (decay
+            compensated exactly: ((t - k) / t)^(gamma + 1) over k steps).
+        max_disk_bytes: Optional cap: refuse to train if the snapshots of
+            this `fit` would need more. The estimate is printed at train
+            begin either way.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=20, callbacks=[
+        keras_ema.PostHocEMA("phema", sigma_rels=(0.05, 0.10), every_n_steps=500)])
+    weights, coefficients, error = keras_ema.posthoc.reconstruct("phema", 0.08)
+    ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        every_n_steps: int = 1000,
+        dtype: str = "float16",
+        update_every: int = 1,
+        max_disk_bytes: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"`directory` must be a path, got {directory!r}.")
+        if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):
+            raise TypeError(f"`sigma_rels` must be a sequence, got {sigma_rels!r}.")
+        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
+            raise ValueError(
+                f"`sigma_rels` must be non-empty and distinct, got {sigma_rels!r}."
+            )
+        profiles = [schedules.PowerFunction(sigma_rel=s) for s in sigma_rels]
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("update_every", update_every),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if every_n_steps % update_every:
+            raise ValueError(
+                "`every_n_steps` must be a multiple of `update_every`, got "
+                f"{every_n_steps} and {update_every}."
+            )
+        if dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(
+                f"`dtype` must be one of {SNAPSHOT_DTYPES}, got {dtype!r}."
+            )
+        if max_disk_bytes is not None and (
+            isinstance(max_disk_bytes, bool)
+            or not isinstance(max_disk_bytes, int)
+            or max_disk_bytes < 1
+        ):
+            raise ValueError(
+                "`max_disk_bytes` must be a positive int or None, got "
+                f"{max_disk_bytes!r}."
+            )
+        self.directory = os.fspath(directory)
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.profiles = profiles
+        self.every_n_steps = every_n_steps
+        self.dtype = dtype
+        self.update_every = update_every
+        self.max_disk_bytes = max_disk_bytes
+        self.averagers = None
+        self._last_snapshot = 0
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        os.makedirs(self.directory, exist_ok=True)
+        optimizer = _ensure_ema_optimizer(model)
+        variables = model.trainable_variables
+        if self.averagers is None:
+            with model.distribute_strategy.scope():
+                self.averagers = []
+                for profile in self.profiles:
+                    averager = ExponentialMovingAverage(
+                        decay=profile,
+                        update_every=self.update_every,
+                        name=f"posthoc_{len(self.averagers)}",
+                    )
+                    averager.build(variables)
+                    self.averagers.append(averager)
+            if not os.path.exists(os.path.join(self.directory, MODEL_FILE)):
+                model.save(os.path.join(self.directory, MODEL_FILE))
+            self._resume(int(_inner(optimizer).iterations.numpy()))
+        for averager in self.averagers:
+            optimizer.attach(averager)
+        model.make_train_function(force=True)
+        self._report_disk_use(variables)
+
+    def _resume(self, step):
+        """Continues from the snapshots of `step` (the restored optimizer's)."""
+        snapshots = list_snapshots(self.directory)
+        if step == 0:
+            stale = [s for s in snapshots if s[0] in self.sigma_rels]
+        else:
+            stale = [s for s in snapshots if s[0] in self.sigma_rels and s[1] > step]
+            for sigma_rel, averager in zip(self.sigma_rels, self.averagers):
+                path = os.path.join(self.directory, snapshot_name(sigma_rel, step))
+                if not os.path.exists(path):
+                    raise ValueError(
+                        f"PostHocEMA: training resumes at step {step}, but "
+                        f"{path} does not exist; resume from a checkpoint taken "
+                        f"at a snapshot step (a multiple of every_n_steps="
+                        f"{self.every_n_steps})."
+                    )
+                _load_snapshot(averager, _read_snapshot(path))
+            self._last_snapshot = step
+        for _, _, path in stale:
+            os.remove(path)
+
+    def _report_disk_use(self, variables):
+        per_snapshot = sum(int(np.prod(v.shape)) for v in variables)
+        per_snapshot *= np.dtype(self.dtype).itemsize * len(self.sigma_rels)
+        epochs = (self.params or {}).get("epochs") or 1
+        steps = (self.params or {}).get("steps") or 0
+        count = (epochs * steps) // self.every_n_steps if steps else None
+        total = per_snapshot * count if count is not None else None
+        estimate = f"{total / 1e6:.1f} MB" if total is not None else "unknown total"
+        print(
+            f"PostHocEMA: {len(self.sigma_rels)} averages (sigma_rel "
+            f"{', '.join(map(str, self.sigma_rels))}), a snapshot every "
+            f"{self.every_n_steps} steps: {per_snapshot / 1e6:.2f} MB each, "
+            f"{count if count is not None else '?'} this fit, {estimate}."
+        )
+        if self.max_disk_bytes is not None and total and total > self.max_disk_bytes:
+            raise ValueError(
+                f"PostHocEMA would write {total} bytes, over max_disk_bytes="
+                f"{self.max_disk_bytes}; raise every_n_steps or the cap."
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.averagers[0].step.numpy())
+        if step // self.every_n_steps > self._last_snapshot // self.every_n_steps:
+            self._snapshot(step)
+
+    def on_train_end(self, logs=None):
+        optimizer = _ensure_ema_optimizer(self.model)
+        for averager in self.averagers:
+            optimizer.detach(averager)
+        self.model.make_train_function(force=True)
+
+    def _snapshot(self, step):
+        for sigma_rel, profile, averager in zip(
+            self.sigma_rels, self.profiles, self.averagers
+        ):
+            arrays = {
+                f"w:{path}": shadow.numpy().astype(self.dtype)
+                for path, shadow in averager.shadows_by_path.items()
+            }
+            arrays["meta"] = np.array(
+                json.dumps(
+                    {"sigma_rel": sigma_rel, "gamma": profile.gamma, "step": step}
+                )
+            )
+            path = os.path.join(self.directory, snapshot_name(sigma_rel, step))
+            _write_atomically(path, lambda p, a=arrays: _save_npz(p, a))
+        self._last_snapshot = step
+
+
+def _save_npz(path, arrays):
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def _inner(optimizer):
+    return optimizer.inner_optimizer
+
+
+def _ensure_ema_optimizer(model):
+    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
+        if isinstance(candidate, EMAOptimizer):
+            if not candidate.built:
+                with model.distribute_strategy.scope():
+                    candidate.build(model.trainable_variables)
+            return candidate
+    # No average yet: wrap the optimizer in one whose own average is cheap to
+    # ignore (the post-hoc averages are attached to it).
+    from keras_ema.model_average import ModelAverage
+
+    ModelAverage.install(model, decay=0.999)
+    return model.optimizer
+
+
+def _load_snapshot(averager, snapshot):
+    meta = json.loads(str(snapshot["meta"]))
+    for path, shadow in averager.shadows_by_path.items():
+        shadow.assign(snapshot[f"w:{path}"].astype(shadow.dtype))
+    averager.step.assign(meta["step"])
+
+
+# ------------------------------------------------------------ reconstruction
+
+
+def reconstruct(directory, sigma_rel: float, step: int | None = None):
+    """The weights of the power-function average of `sigma_rel` at `step`.
+
+    Uses only snapshots taken at or before `step` (default: the last
+    snapshot's step), the closed-form inner products of their profiles, and
+    a float64 least-squares solve; the coefficients are normalised to sum to
+    1.
+
+    Args:
+        directory: A `PostHocEMA` directory.
+        sigma_rel: The relative length to reconstruct, in (0, 0.2887).
+        step: The step to reconstruct at.
+
+    Returns:
+        `(weights, coefficients, error)`: a dict from variable path (relative
+        to the model) to float32 array; a list of
+        `(sigma_rel, step, coefficient)` per snapshot used; and the profile
+        fitting error (relative L2).
+    """
+    gamma = schedules.PowerFunction(sigma_rel=sigma_rel).gamma
+    snapshots = list_snapshots(directory)
+    if not snapshots:
+        raise ValueError(f"`directory` {directory!r} holds no PostHocEMA snapshot.")
+    if step is None:
+        step = max(s[1] for s in snapshots)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"`step` must be a positive int or None, got {step!r}.")
+    used = [s for s in snapshots if s[1] <= step]
+    if not used:
+        raise ValueError(f"No snapshot in {directory!r} at or before step {step}.")
+    gammas = [schedules.sigma_rel_to_gamma(s[0]) for s in used]
+    coefficients, error = solve_coefficients([s[1] for s in used], gammas, step, gamma)
+    weights = None
+    for coefficient, (_, _, path) in zip(coefficients, used):
+        snapshot = _read_snapshot(path)
+        arrays = {
+            key[2:]: snapshot[key].astype(np.float64)
+            for key in snapshot
+            if key.startswith("w:")
+        }
+        if weights is None:
+            weights = {key: coefficient * value for key, value in arrays.items()}
+        else:
+            for key, value in arrays.items():
+                weights[key] += coefficient * value
+    weights = {key: value.astype(np.float32) for key, value in weights.items()}
+    table = [(s[0], s[1], float(c)) for s, c in zip(used, coefficients)]
+    return weights, table, error
+
+
+def load_into(model: keras.Model, directory, sigma_rel: float, step: int | None = None):
+    """Assigns the reconstructed average of `sigma_rel` to `model`'s weights.
+
+    Variables are matched by path relative to the model. Returns the
+    coefficients and the fitting error, as `reconstruct` does.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+    weights, coefficients, error = reconstruct(directory, sigma_rel, step)
+    variables = model.trainable_variables
+    paths = relative_paths(variables)
+    missing = sorted(set(paths) ^ set(weights))
+    if missing:
+        raise ValueError(
+            "The snapshots do not match the model's variables; differing "
+            f"paths: {missing[:5]}."
+        )
+    for variable, path in zip(variables, paths):
+        variable.assign(weights[path].astype(variable.dtype))
+    return coefficients, error
+
+
+def sweep(
+    model: keras.Model,
+    directory,
+    sigma_rels: Sequence[float],
+    evaluate_fn: Callable[[keras.Model], float],
+    step: int | None = None,
+    plot: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Evaluates reconstructed averages over a grid of `sigma_rels`.
+
+    The model's weights are restored afterwards.
+
+    Args:
+        model: A model of the architecture the snapshots come from.
+        directory: A `PostHocEMA` directory.
+        sigma_rels: The relative lengths to evaluate.
+        evaluate_fn: Called with the model holding each average; returns a
+            float metric.
+        step: The step to reconstruct at (default: the last).
+        plot: Optional PNG path for a plot of the metric against sigma_rel.
+
+    Returns:
+        One dict per sigma_rel: `sigma_rel`, `metric`, `fit_error`.
+    """
+    if not callable(evaluate_fn):
+        raise TypeError(f"`evaluate_fn` must be callable, got {evaluate_fn!r}.")
+    original = [v.numpy() for v in model.trainable_variables]
+    rows = []
+    try:
+        for sigma_rel in sigma_rels:
+            _, error = load_into(model, directory, sigma_rel, step)
+            rows.append(
+                {
+                    "sigma_rel": float(sigma_rel),
+                    "metric": float(evaluate_fn(model)),
+                    "fit_error": error,
+                }
+            )
+    finally:
+        for variable, value in zip(model.trainable_variables, original):
+            variable.assign(value)
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot([r["sigma_rel"] for r in rows], [r["metric"] for r in rows], "o-")
+        axis.set_xlabel("sigma_rel")
+        axis.set_ylabel("metric")
+        axis.set_title("Post-hoc EMA sweep")
+        figure.tight_layout()
+        figure.savefig(plot, dpi=100)
+        plt.close(figure)
+    return rows
