@@ -66,6 +66,21 @@ def _parser():
     )
     inspect.add_argument("checkpoint", help="a .keras file")
     inspect.set_defaults(run=_inspect)
+
+    posthoc = commands.add_parser(
+        "posthoc",
+        help="export the post-hoc reconstructed average of a PostHocEMA directory",
+    )
+    posthoc.add_argument("directory", help="the PostHocEMA snapshot directory")
+    posthoc.add_argument(
+        "--sigma-rel", type=float, required=True, help="relative averaging length"
+    )
+    posthoc.add_argument("--out", required=True, help="the SavedModel to create")
+    posthoc.add_argument("--step", type=int, default=None, help="default: the last")
+    posthoc.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists"
+    )
+    posthoc.set_defaults(run=_posthoc)
     return parser
 
 
@@ -143,6 +158,36 @@ def _inspect(args):
     print(f"{'variable':{width}s}  {'shape':>12s}  {'|avg - raw| / |raw|':>19s}")
     for path, shape, distance in rows:
         print(f"{path:{width}s}  {shape:>12s}  {distance:19.3e}")
+    return 0
+
+
+def _posthoc(args):
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CommandError(f"{args.out} exists; pass --overwrite to replace it")
+    if not os.path.isdir(args.directory):
+        raise CommandError(f"{args.directory}: no such directory")
+    import keras
+
+    from keras_ema import posthoc
+    from keras_ema.export import export_saved_model
+
+    model_file = os.path.join(args.directory, posthoc.MODEL_FILE)
+    if not os.path.exists(model_file):
+        raise CommandError(
+            f"{args.directory}: no {posthoc.MODEL_FILE}; not a PostHocEMA directory"
+        )
+    try:
+        model = keras.models.load_model(model_file, compile=False)
+        coefficients, error = posthoc.load_into(
+            model, args.directory, args.sigma_rel, args.step
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    path = export_saved_model(model, args.out, weights="raw", overwrite=args.overwrite)
+    print(
+        f"wrote {path}: sigma_rel {args.sigma_rel} from {len(coefficients)} "
+        f"snapshots, profile fit error {error:.2e}"
+    )
     return 0
 
 

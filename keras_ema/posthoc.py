@@ -119,9 +119,9 @@ def list_snapshots(directory) -> list[tuple[float, int, str]]:
     return sorted(found)
 
 
-def _write_atomically(path, write):
+def _write_atomically(path, write, suffix=".npz"):
     directory = os.path.dirname(path)
-    handle, staging = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    handle, staging = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(handle)
     try:
         write(staging)
@@ -246,8 +246,6 @@ class PostHocEMA(keras.callbacks.Callback):
                     )
                     averager.build(variables)
                     self.averagers.append(averager)
-            if not os.path.exists(os.path.join(self.directory, MODEL_FILE)):
-                model.save(os.path.join(self.directory, MODEL_FILE))
             self._resume(int(_inner(optimizer).iterations.numpy()))
         for averager in self.averagers:
             optimizer.attach(averager)
@@ -296,6 +294,11 @@ class PostHocEMA(keras.callbacks.Callback):
             )
 
     def on_train_batch_end(self, batch, logs=None):
+        model_file = os.path.join(self.directory, MODEL_FILE)
+        if not os.path.exists(model_file):
+            # The architecture, for `keras-ema posthoc` (saved once the model
+            # is built, which fit may do at its first step).
+            _write_atomically(model_file, self.model.save, suffix=".keras")
         step = int(self.averagers[0].step.numpy())
         if step // self.every_n_steps > self._last_snapshot // self.every_n_steps:
             self._snapshot(step)
