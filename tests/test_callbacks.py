@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_model, max_error, values
 
 import keras_ema
 
@@ -61,19 +62,8 @@ class RecordEpochEnd(keras.callbacks.Callback):
         self.weights.append(values(self.model.trainable_variables))
 
 
-def values(variables):
-    return [np.array(v.numpy(), copy=True) for v in variables]
-
-
 def raw_bytes(variables):
     return [v.numpy().tobytes() for v in variables]
-
-
-def max_error(a, b):
-    return max(
-        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-        for x, y in zip(a, b)
-    )
 
 
 def assert_bit_equal(a, b):
@@ -82,18 +72,6 @@ def assert_bit_equal(a, b):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape
         assert x.tobytes() == y.tobytes()
-
-
-def make_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ],
-        name="net",
-    )
 
 
 def make_data(n=N_TRAIN, seed=1):

@@ -17,7 +17,15 @@ from types import SimpleNamespace
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from helpers import (
+    RecordWeights,
+    make_data,
+    make_model,
+    max_error,
+    predict_with,
+    reference_average,
+    serve,
+)
 
 import keras_ema
 
@@ -34,70 +42,6 @@ def schedule_decay(s):
     """PowerWarmup's per-step decay, in float64 numpy."""
     d = 1.0 - (1.0 + s / SCHEDULE["inv_gamma"]) ** -SCHEDULE["power"]
     return float(np.clip(d, SCHEDULE["min_decay"], SCHEDULE["decay"]))
-
-
-def reference_average(initial, trajectory, decay, update_every, start_step):
-    """The EMA in float64 numpy, from the weights after each step."""
-    shadow = [np.asarray(w, np.float64) for w in initial]
-    for t, weights in enumerate(trajectory, start=1):
-        s = t - start_step
-        weights = [np.asarray(w, np.float64) for w in weights]
-        if s <= 0:
-            shadow = weights
-        elif s % update_every == 0:
-            d = np.prod([decay(j) for j in range(s - update_every + 1, s + 1)])
-            shadow = [a - (1.0 - d) * (a - w) for a, w in zip(shadow, weights)]
-    return shadow
-
-
-class RecordWeights(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append([v.numpy().copy() for v in self.model.trainable_variables])
-
-
-def make_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ],
-        name="net",
-    )
-
-
-def make_data(n=N, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    y = rng.normal(size=(n, 1)).astype("float32")
-    return x, y
-
-
-def max_error(a, b):
-    return max(
-        float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(w, np.float64))))
-        for u, w in zip(a, b)
-    )
-
-
-def predict_with(model, weights, x):
-    """The predictions of a clone of `model` holding `weights` (from numpy)."""
-    clone = keras.models.clone_model(model)
-    for variable, value in zip(clone.trainable_variables, weights):
-        variable.assign(np.asarray(value, variable.dtype))
-    return np.asarray(clone(x, training=False))
-
-
-def serve(path, x):
-    served = tf.saved_model.load(os.fspath(path))
-    return served.serve(tf.constant(x)).numpy(), json.loads(
-        served.ema_info().numpy().decode()
-    )
 
 
 class Setup:
@@ -156,7 +100,7 @@ def cli(tmp_path_factory):
         start_step=START_STEP,
     )
     model.compile(optimizer=optimizer, loss="mse")
-    x, y = make_data()
+    x, y = make_data(N)
     record = RecordWeights()
     model.fit(
         x,

@@ -10,6 +10,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import (
+    RecordWeights,
+    make_data,
+    make_model,
+    max_error,
+    predict_with,
+    reference_average,
+    serve,
+    values,
+)
 
 import keras_ema
 
@@ -36,63 +46,6 @@ print(json.dumps(info))
 """
 
 
-def reference_average(
-    initial, trajectory, decay, update_every=1, start_step=0, init="weights"
-):
-    """The EMA in float64 numpy, from the weights after each step."""
-    shadow = [np.asarray(w, np.float64) for w in initial]
-    for t, weights in enumerate(trajectory, start=1):
-        s = t - start_step
-        weights = [np.asarray(w, np.float64) for w in weights]
-        if s <= 0 or (init == "first_step" and t == 1):
-            shadow = weights
-        elif s % update_every == 0:
-            d = decay**update_every
-            shadow = [a - (1.0 - d) * (a - w) for a, w in zip(shadow, weights)]
-    return shadow
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """Records the trainable weights after every batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append([v.numpy().copy() for v in self.model.trainable_variables])
-
-
-def make_model(seed=0, dtype=None):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", dtype=dtype, name="hidden"),
-            keras.layers.Dense(1, dtype=dtype, name="out"),
-        ],
-        name="net",
-    )
-
-
-def make_data(n=N, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    y = rng.normal(size=(n, 1)).astype("float32")
-    return x, y
-
-
-def values(variables):
-    return [np.array(v.numpy(), copy=True) for v in variables]
-
-
-def max_error(a, b):
-    return max(
-        float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(w, np.float64))))
-        for u, w in zip(a, b)
-    )
-
-
 def assert_bit_identical(a, b):
     assert len(a) == len(b)
     for u, w in zip(a, b):
@@ -100,27 +53,12 @@ def assert_bit_identical(a, b):
         np.testing.assert_array_equal(u, w)
 
 
-def predict_with(model, weights, x):
-    """The predictions of a clone of `model` holding `weights` (from numpy)."""
-    clone = keras.models.clone_model(model)
-    for variable, value in zip(clone.trainable_variables, weights):
-        variable.assign(np.asarray(value, variable.dtype))
-    return np.asarray(clone(x, training=False))
-
-
-def serve(path, x):
-    served = tf.saved_model.load(os.fspath(path))
-    return served.serve(tf.constant(x)).numpy(), json.loads(
-        served.ema_info().numpy().decode()
-    )
-
-
 def trained(optimizer, callbacks=(), seed=0, dtype=None):
     """A model fit for STEPS steps; returns (model, x, initial, trajectory)."""
     model = make_model(seed, dtype)
     initial = values(model.trainable_variables)
     model.compile(optimizer=optimizer, loss="mse")
-    x, y = make_data()
+    x, y = make_data(N)
     record = RecordWeights()
     model.fit(
         x,
@@ -542,7 +480,7 @@ def test_bad_arguments(tmp_path, ema_model):
 
 @pytest.mark.parametrize("trained_first", [True, False])
 def test_model_without_average(tmp_path, trained_first):
-    x, y = make_data()
+    x, y = make_data(N)
     model = make_model()
     if trained_first:
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")

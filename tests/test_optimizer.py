@@ -4,76 +4,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import RecordWeights, make_data, make_model, max_error, reference_average
 
 import keras_ema
 
 DECAY = 0.9
 
 
-def reference_average(
-    initial, trajectory, decay, update_every=1, start_step=0, init="weights"
-):
-    """The EMA of DESIGN.md, in float64 numpy, from the weights after each step.
-
-    `decay(s)` is the per-step decay; the decay over k steps is the product.
-    """
-    shadow = [np.asarray(w, np.float64) for w in initial]
-    for t, weights in enumerate(trajectory, start=1):
-        s = t - start_step
-        weights = [np.asarray(w, np.float64) for w in weights]
-        if s <= 0 or (init == "first_step" and t == 1):
-            shadow = weights
-        elif s % update_every == 0:
-            d = np.prod([decay(j) for j in range(s - update_every + 1, s + 1)])
-            shadow = [a - (1.0 - d) * (a - w) for a, w in zip(shadow, weights)]
-    return shadow
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """Records the trainable weights (and optionally the shadows) per batch."""
-
-    def __init__(self, optimizer=None):
-        super().__init__()
-        self.optimizer = optimizer
-        self.weights = []
-        self.shadows = []
-        self.steps = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append([v.numpy().copy() for v in self.model.trainable_variables])
-        if self.optimizer is not None:
-            averager = self.optimizer.averager
-            self.shadows.append([s.numpy().copy() for s in averager.shadows])
-            self.steps.append(int(averager.step.numpy()))
-
-
-def make_model(seed=0, dtype=None):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", dtype=dtype, name="hidden"),
-            keras.layers.Dense(1, dtype=dtype, name="out"),
-        ],
-        name="net",
-    )
-
-
-def make_data(n=64, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    y = rng.normal(size=(n, 1)).astype("float32")
-    return x, y
-
-
 def initial_weights(model):
     return [v.numpy().copy() for v in model.trainable_variables]
-
-
-def max_error(a, b):
-    return max(
-        float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b)
-    )
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

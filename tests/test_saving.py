@@ -3,30 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from helpers import make_data, make_model, values
 
 import keras_ema
-
-
-def make_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(1, name="out"),
-        ],
-        name="net",
-    )
-
-
-def make_data(n=64, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    return x, rng.normal(size=(n, 1)).astype("float32")
-
-
-def values(variables):
-    return [v.numpy() for v in variables]
 
 
 def test_save_while_swapped_keeps_raw_weights(tmp_path):

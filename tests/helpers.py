@@ -1,0 +1,96 @@
+"""Shared test helpers: a small named model, data, and the numpy reference."""
+
+import keras
+import numpy as np
+
+
+def reference_average(
+    initial, trajectory, decay, update_every=1, start_step=0, init="weights"
+):
+    """The EMA of DESIGN.md in float64 numpy, from the weights after each step.
+
+    `decay` is a float or the per-step decay `d(s)`; the decay over
+    `update_every` steps is the product of the per-step decays.
+    """
+    per_step = decay if callable(decay) else (lambda s: decay)
+    shadow = [np.asarray(w, np.float64) for w in initial]
+    for t, weights in enumerate(trajectory, start=1):
+        s = t - start_step
+        weights = [np.asarray(w, np.float64) for w in weights]
+        if s <= 0 or (init == "first_step" and t == 1):
+            shadow = weights
+        elif s % update_every == 0:
+            d = np.prod([per_step(j) for j in range(s - update_every + 1, s + 1)])
+            shadow = [a - (1.0 - d) * (a - w) for a, w in zip(shadow, weights)]
+    return shadow
+
+
+class RecordWeights(keras.callbacks.Callback):
+    """Records the trainable weights (and, given the optimizer, the shadows
+    and the average's step) after every training step."""
+
+    def __init__(self, optimizer=None):
+        super().__init__()
+        self.optimizer = optimizer
+        self.weights = []
+        self.shadows = []
+        self.steps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append(values(self.model.trainable_variables))
+        if self.optimizer is not None:
+            averager = self.optimizer.averager
+            self.shadows.append(values(averager.shadows))
+            self.steps.append(int(averager.step.numpy()))
+
+
+def make_model(seed=0, dtype=None):
+    """Input(6) -> Dense(8, tanh) "hidden" -> Dense(1) "out", named "net"."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="tanh", dtype=dtype, name="hidden"),
+            keras.layers.Dense(1, dtype=dtype, name="out"),
+        ],
+        name="net",
+    )
+
+
+def make_data(n=64, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = rng.normal(size=(n, 1)).astype("float32")
+    return x, y
+
+
+def values(variables):
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+def max_error(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(a, b)
+    )
+
+
+def predict_with(model, weights, x):
+    """The predictions of a clone of `model` holding `weights` (from numpy)."""
+    clone = keras.models.clone_model(model)
+    for variable, value in zip(clone.trainable_variables, weights):
+        variable.assign(np.asarray(value, variable.dtype))
+    return np.asarray(clone(x, training=False))
+
+
+def serve(path, x):
+    """A SavedModel's `serve(x)` and its `ema_info()` JSON."""
+    import json
+    import os
+
+    import tensorflow as tf
+
+    served = tf.saved_model.load(os.fspath(path))
+    return served.serve(tf.constant(x)).numpy(), json.loads(
+        served.ema_info().numpy().decode()
+    )
