@@ -7,6 +7,18 @@ import sys
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def test_quality_quick():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quality.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keras_ema" in result.stdout and "raw" in result.stdout
+
+
 def test_overhead_quick():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "overhead.py"), "--quick"],
