@@ -63,9 +63,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_ema  # noqa: E402
@@ -225,7 +224,10 @@ def main(argv=None):
         train_time = time.perf_counter() - train_start
         steps = {name: int(a.step.numpy()) for name, a in direct.items()}
         steps.update(
-            {f"posthoc {s}": int(a.step.numpy()) for s, a in zip(STORED, callback.averagers)}
+            {
+                f"posthoc {s}": int(a.step.numpy())
+                for s, a in zip(STORED, callback.averagers)
+            }
         )
         snapshots = posthoc.list_snapshots(directory)
         print(
@@ -282,8 +284,12 @@ def main(argv=None):
         def val_metric(labels):
             return lambda m: accuracy(m, data["x_val"], labels)
 
-        sweep_noisy = posthoc.sweep(clone, directory, FINE, val_metric(data["y_val_noisy"]))
-        sweep_clean = posthoc.sweep(clone, directory, FINE, val_metric(data["y_val_clean"]))
+        sweep_noisy = posthoc.sweep(
+            clone, directory, FINE, val_metric(data["y_val_noisy"])
+        )
+        sweep_clean = posthoc.sweep(
+            clone, directory, FINE, val_metric(data["y_val_clean"])
+        )
 
         def choose(rows_):
             best = max(r["metric"] for r in rows_)
@@ -304,16 +310,21 @@ def main(argv=None):
         difference = 100 * (noisy_test - best_direct)
         print(
             "validation sweep (noisy labels), sigma_rel: val acc %: "
-            + ", ".join(f"{r['sigma_rel']:.2f}: {100 * r['metric']:.1f}" for r in sweep_noisy)
+            + ", ".join(
+                f"{r['sigma_rel']:.2f}: {100 * r['metric']:.1f}" for r in sweep_noisy
+            )
         )
         print(
-            f"post hoc, chosen on noisy-label validation: sigma_rel "
-            f"{chosen_noisy['sigma_rel']:.2f} (val {100 * chosen_noisy['metric']:.1f}%, "
-            f"fit error {chosen_noisy['fit_error']:.3f}) -> test {100 * noisy_test:.1f}%"
+            "post hoc, chosen on noisy-label validation: sigma_rel "
+            f"{chosen_noisy['sigma_rel']:.2f} "
+            f"(val {100 * chosen_noisy['metric']:.1f}%, "
+            f"fit error {chosen_noisy['fit_error']:.3f}) "
+            f"-> test {100 * noisy_test:.1f}%"
         )
         print(
-            f"post hoc, chosen on clean-label validation: sigma_rel "
-            f"{chosen_clean['sigma_rel']:.2f} (val {100 * chosen_clean['metric']:.1f}%) "
+            "post hoc, chosen on clean-label validation: sigma_rel "
+            f"{chosen_clean['sigma_rel']:.2f} "
+            f"(val {100 * chosen_clean['metric']:.1f}%) "
             f"-> test {100 * clean_test:.1f}%"
         )
         print(

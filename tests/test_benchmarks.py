@@ -19,6 +19,18 @@ def test_quality_quick():
     assert "keras_ema" in result.stdout and "raw" in result.stdout
 
 
+def test_posthoc_quick():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "posthoc.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sigma_rel" in result.stdout
+
+
 def test_overhead_quick():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "overhead.py"), "--quick"],
