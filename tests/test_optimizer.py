@@ -1,5 +1,7 @@
 """EMAOptimizer in real Keras fit loops, checked against a numpy reference."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -457,3 +459,24 @@ def test_large_variables_fused_update(jit_compile):
     got = [optimizer.average(v).numpy() for v in model.trainable_variables]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_tensorboard_and_learning_rate_scheduler(tmp_path):
+    """Callbacks that read or set the optimizer's learning rate and
+    iterations work through the wrapper."""
+    inner = keras.optimizers.SGD(0.1)
+    model = make_model()
+    model.compile(optimizer=keras_ema.EMAOptimizer(inner), loss="mse")
+    history = model.fit(
+        *make_data(),
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1)),
+            keras.callbacks.TensorBoard(log_dir=str(tmp_path), update_freq="batch"),
+        ],
+    )
+    assert float(inner.learning_rate.numpy()) == pytest.approx(0.05)
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.05])
+    assert any(files for _, _, files in os.walk(tmp_path))
