@@ -94,3 +94,17 @@ def serve(path, x):
     return served.serve(tf.constant(x)).numpy(), json.loads(
         served.ema_info().numpy().decode()
     )
+
+
+def run_python(*args, timeout=600):
+    """Runs `python *args` in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

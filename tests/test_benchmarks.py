@@ -1,45 +1,29 @@
-"""Smoke test: the overhead benchmark runs and prints its tables."""
+"""Smoke tests: the benchmarks run and print their tables."""
 
 import pathlib
-import subprocess
-import sys
+
+from helpers import run_python
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_quality_quick():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "quality.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+def run_quick(script):
+    result = run_python(BENCHMARKS / script, "--quick")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "keras_ema" in result.stdout and "raw" in result.stdout
+    return result.stdout
+
+
+def test_quality_quick():
+    out = run_quick("quality.py")
+    assert "keras_ema" in out and "raw" in out
 
 
 def test_posthoc_quick():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "posthoc.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sigma_rel" in result.stdout
+    assert "sigma_rel" in run_quick("posthoc.py")
 
 
 def test_overhead_quick():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "overhead.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_quick("overhead.py")
     for heading in ("Training step", "Isolated update", "Graph ops"):
-        assert heading in result.stdout, result.stdout[-3000:]
-    assert "kema k=10" in result.stdout
+        assert heading in out, out[-3000:]
+    assert "kema k=10" in out

@@ -2,13 +2,12 @@
 trained directly, exact update_every compensation, resumption, the CLI."""
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import run_python
 
 import keras_ema
 from keras_ema import posthoc
@@ -249,44 +248,16 @@ def test_load_into_sweep_and_cli(trained, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b)
 
     out = tmp_path / "export"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_ema",
-            "posthoc",
-            directory,
-            "--sigma-rel",
-            "0.08",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_python(
+        "-m", "keras_ema", "posthoc", directory, "--sigma-rel", "0.08", "--out", out
     )
     assert result.returncode == 0, result.stderr[-2000:]
     served = tf.saved_model.load(str(out))
     np.testing.assert_allclose(
         served.serve(x).numpy(), fresh.predict(x, verbose=0), atol=1e-5
     )
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_ema",
-            "posthoc",
-            directory,
-            "--sigma-rel",
-            "0.08",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    again = run_python(
+        "-m", "keras_ema", "posthoc", directory, "--sigma-rel", "0.08", "--out", out
     )
     assert again.returncode == 2 and "exists" in again.stderr
 
