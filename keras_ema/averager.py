@@ -241,8 +241,8 @@ class ExponentialMovingAverage(tf.Module):
         # zero and the first update copies the weights it is given.
         unreadable = False
         shadows = {}
-        # The initial values are read eagerly so that building on the first
-        # trace of a tf.function creates ordinary, initialised variables.
+        # Under init_scope the shadows are ordinary, initialised variables
+        # even when built during the first trace of a tf.function.
         with tf.init_scope(), keras.name_scope(self.name):
             self.step = keras.Variable(
                 0,
@@ -603,14 +603,14 @@ def _check_int(name, value, minimum):
 
 
 def _check_variables(variables):
-    if isinstance(variables, (str, bytes)) or not isinstance(variables, (list, tuple)):
-        try:
-            variables = list(variables)
-        except TypeError:
-            raise TypeError(
-                f"`variables` must be a list of variables, got {variables!r}."
-            ) from None
-    variables = list(variables)
+    try:
+        if isinstance(variables, (str, bytes)):
+            raise TypeError
+        variables = list(variables)
+    except TypeError:
+        raise TypeError(
+            f"`variables` must be a list of variables, got {variables!r}."
+        ) from None
     paths = set()
     for variable in variables:
         if not isinstance(variable, (keras.Variable, tf.Variable)):

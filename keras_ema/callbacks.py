@@ -137,37 +137,31 @@ class EMASwap(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         _FITTING_WITH_EMASWAP.add(self.model)
         self._in_fit = True
-        average = ModelAverage.find(self.model, build=True)
         chain = optimizer_chain(getattr(self.model, "optimizer", None))
         has_source = any(
             isinstance(o, EMAOptimizer) or getattr(o, "use_ema", False) for o in chain
         )
-        if average is None and has_source:
-            # A model that fit builds at its first step (subclassed, or no
-            # Input): its optimizer, and the average, are built then too.
-            self._average = None
-            self._begin_with(None, chain)
-            return
-        if average is None:
-            if self._install_config is None:
-                raise ValueError(
-                    "EMASwap found no moving average to swap: the optimizer is "
-                    "neither a keras_ema.EMAOptimizer nor a Keras optimizer with "
-                    "`use_ema=True`. Pass `decay` (e.g. `EMASwap(decay=0.999)`) "
-                    "to install one, or compile with "
-                    "`keras_ema.EMAOptimizer(optimizer, decay=...)`."
-                )
-            average = ModelAverage.install(self.model, **self._install_config)
-        elif average.is_swapped:
-            # Left holding the average by an earlier fit: resume from raw.
-            average.swap_out()
-        self._average = average
-        self._begin_with(average, chain)
-
-    def _begin_with(self, average, chain):
+        if not has_source and self._install_config is None:
+            raise ValueError(
+                "EMASwap found no moving average to swap: the optimizer is "
+                "neither a keras_ema.EMAOptimizer nor a Keras optimizer with "
+                "`use_ema=True`. Pass `decay` (e.g. `EMASwap(decay=0.999)`) "
+                "to install one, or compile with "
+                "`keras_ema.EMAOptimizer(optimizer, decay=...)`."
+            )
         for optimizer in chain:
             if getattr(optimizer, "use_ema", False):
                 self._suspend_keras_finalize(optimizer)
+        if has_source:
+            average = ModelAverage.find(self.model, build=True)
+        else:
+            average = ModelAverage.install(self.model, **self._install_config)
+        if average is not None and average.is_swapped:
+            # Left holding the average by an earlier fit: resume from raw.
+            average.swap_out()
+        # None for a model that fit builds at its first step (subclassed, or
+        # no Input): the average is built then, and found at first use.
+        self._average = average
 
     @property
     def _model_average(self):

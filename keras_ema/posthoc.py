@@ -228,12 +228,14 @@ class PostHocEMA(keras.callbacks.Callback):
         self.update_every = update_every
         self.max_disk_bytes = max_disk_bytes
         self.averagers = None
+        self._optimizer = None
+        self._model_saved = False
         self._last_snapshot = 0
 
     def on_train_begin(self, logs=None):
         model = self.model
         os.makedirs(self.directory, exist_ok=True)
-        optimizer = _ensure_ema_optimizer(model)
+        optimizer = self._optimizer = _ensure_ema_optimizer(model)
         variables = model.trainable_variables
         if self.averagers is None:
             with model.distribute_strategy.scope():
@@ -246,7 +248,7 @@ class PostHocEMA(keras.callbacks.Callback):
                     )
                     averager.build(variables)
                     self.averagers.append(averager)
-            self._resume(int(_inner(optimizer).iterations.numpy()))
+            self._resume(int(optimizer.iterations.numpy()))
         for averager in self.averagers:
             optimizer.attach(averager)
         model.make_train_function(force=True)
@@ -294,19 +296,20 @@ class PostHocEMA(keras.callbacks.Callback):
             )
 
     def on_train_batch_end(self, batch, logs=None):
-        model_file = os.path.join(self.directory, MODEL_FILE)
-        if not os.path.exists(model_file):
+        if not self._model_saved:
             # The architecture, for `keras-ema posthoc` (saved once the model
             # is built, which fit may do at its first step).
-            _write_atomically(model_file, self.model.save, suffix=".keras")
+            model_file = os.path.join(self.directory, MODEL_FILE)
+            if not os.path.exists(model_file):
+                _write_atomically(model_file, self.model.save, suffix=".keras")
+            self._model_saved = True
         step = int(self.averagers[0].step.numpy())
         if step // self.every_n_steps > self._last_snapshot // self.every_n_steps:
             self._snapshot(step)
 
     def on_train_end(self, logs=None):
-        optimizer = _ensure_ema_optimizer(self.model)
         for averager in self.averagers:
-            optimizer.detach(averager)
+            self._optimizer.detach(averager)
         self.model.make_train_function(force=True)
 
     def _snapshot(self, step):
@@ -330,10 +333,6 @@ class PostHocEMA(keras.callbacks.Callback):
 def _save_npz(path, arrays):
     with open(path, "wb") as file:
         np.savez(file, **arrays)
-
-
-def _inner(optimizer):
-    return optimizer.inner_optimizer
 
 
 def _ensure_ema_optimizer(model):
