@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 
 LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 NON_TRAINABLE_MODES = ("live", "average")
@@ -27,7 +28,7 @@ _BASE_OPTIMIZER_ARGS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
-class EMAOptimizer(keras.optimizers.Optimizer):
+class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
     """Wraps an optimizer and keeps the moving average of the weights.
 
     Each step runs the wrapped optimizer's update, then the average's update,
@@ -295,21 +296,6 @@ class EMAOptimizer(keras.optimizers.Optimizer):
         if self.non_trainable_averager is not None:
             variables += self.non_trainable_averager.variables
         return variables
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
         # Deliberately keeps the raw weights in the model: training resumes
