@@ -15,13 +15,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ema import schedules
+from keras_ema import _compat, schedules
+from keras_ema.backend.tensorflow import (
+    ShadowUpdater,
+    initial_value,
+    variable_key,
+)
+from keras_ema.swap import ExactSwap
 
 INITS = ("weights", "first_step")
 SHADOW_DTYPES = ("float32", "float64")
-# Variables with at least this many elements are updated by one XLA-compiled
-# function when the step itself is not XLA-compiled (see `_move`).
-FUSE_MIN_SIZE = 1 << 20
 
 
 def variable_path(variable) -> str:
@@ -47,68 +50,6 @@ def relative_paths(variables: Sequence) -> list[str]:
     ):
         shared += 1
     return ["/".join(parts[shared:]) for parts in split]
-
-
-def _tf_variable(variable) -> tf.Variable:
-    """The `tf.Variable` behind a Keras variable (or the variable itself)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-def _variable_key(variable) -> int:
-    """A key that identifies a variable, the same for all its replicas."""
-    variable = _tf_variable(variable)
-    container = getattr(variable, "_distributed_container", None)
-    if container is not None:
-        variable = container()
-    return id(variable)
-
-
-def _shadow_update(shadow, weight, rate):
-    """`shadow -= rate * (shadow - weight)`, as one fused kernel.
-
-    `ResourceApplyGradientDescent` computes `var -= alpha * delta` in a single
-    pass over memory (and XLA lowers it to the same fused loop), which saves a
-    full read and write of a temporary against `assign_sub(rate * delta)`.
-    """
-    delta = shadow - tf.cast(weight, shadow.dtype)
-    return tf.raw_ops.ResourceApplyGradientDescent(
-        var=shadow.handle, alpha=rate, delta=delta
-    )
-
-
-def _fused_update_function(pairs):
-    """`_shadow_update` for all `pairs`, compiled into one XLA cluster.
-
-    The function closes over the variables (rather than taking them as
-    arguments), so each average traces its own.
-    """
-
-    def update(rates):
-        for shadow, weight in pairs:
-            _shadow_update(shadow, weight, rates[shadow.dtype.name])
-
-    return tf.function(update, jit_compile=True, autograph=False)
-
-
-def _initial_value(variable):
-    """The variable's current value (a snapshot), or None if it has none yet."""
-    try:
-        # `tf.cast` would pass a variable of the same dtype through, aliasing
-        # the weight; `convert_to_tensor` reads a snapshot.
-        value = tf.convert_to_tensor(_tf_variable(variable))
-    except (ValueError, TypeError, tf.errors.OpError):
-        return None
-    if value.shape != tuple(variable.shape):
-        return None
-    return value
-
-
-def _size(variable) -> int:
-    return int(np.prod(variable.shape))
-
-
-def _shadow_copy(shadow, weight):
-    return shadow.assign(tf.cast(weight, shadow.dtype))
 
 
 class ExponentialMovingAverage(tf.Module):
@@ -203,14 +144,11 @@ class ExponentialMovingAverage(tf.Module):
             _shadows=[],
             _index={},
             _swap=None,
-            _strategy=None,
+            _updater=None,
             _copy_first_step=False,
-            _fused=[],
-            _fused_update=None,
-            _unfused=[],
         )
 
-    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    @_compat.no_automatic_dependency_tracking
     def _set_untracked(self, **attributes):
         # The averaged variables belong to the model and the raw values are
         # transient: neither may become a checkpoint dependency of the average.
@@ -235,7 +173,6 @@ class ExponentialMovingAverage(tf.Module):
                 f"{len(self._averaged)} variables."
             )
         variables = _check_variables(variables)
-        strategy = tf.distribute.get_strategy()
         # Variables created in the function being traced (a model that fit
         # builds at its first step) have no value yet: their shadows start at
         # zero and the first update copies the weights it is given.
@@ -258,7 +195,7 @@ class ExponentialMovingAverage(tf.Module):
                     *parents, leaf = path.split("/")
                     for parent in parents:
                         scopes.enter_context(keras.name_scope(parent))
-                    initial = _initial_value(variable)
+                    initial = initial_value(variable)
                     if initial is None:
                         unreadable = True
                         initial = tf.zeros(variable.shape, dtype)
@@ -273,21 +210,10 @@ class ExponentialMovingAverage(tf.Module):
         self._set_untracked(
             _averaged=variables,
             _shadows=list(shadows.values()),
-            _index={_variable_key(v): i for i, v in enumerate(variables)},
-            _swap=ExactSwap(variables, list(shadows.values()), self.name),
+            _index={variable_key(v): i for i, v in enumerate(variables)},
+            _swap=ExactSwap(variables, self.name),
+            _updater=ShadowUpdater(list(shadows.values()), variables),
             _copy_first_step=unreadable,
-            _strategy=strategy,
-        )
-        pairs = list(zip(self._shadows, variables))
-        fused = [
-            (_tf_variable(shadow), _tf_variable(variable))
-            for shadow, variable in pairs
-            if _size(variable) >= FUSE_MIN_SIZE
-        ]
-        self._set_untracked(
-            _fused=fused,
-            _fused_update=_fused_update_function(fused) if fused else None,
-            _unfused=[p for p in pairs if _size(p[1]) < FUSE_MIN_SIZE],
         )
         # A dict keyed by relative path, so that checkpoints match shadows to
         # their variables by name rather than by position.
@@ -321,7 +247,7 @@ class ExponentialMovingAverage(tf.Module):
                 of the averaged variables.
         """
         self._check_built("average")
-        index = self._index.get(_variable_key(variable))
+        index = self._index.get(variable_key(variable))
         if index is None:
             raise ValueError(
                 f"`variable` {variable_path(variable)!r} is not averaged by "
@@ -386,8 +312,8 @@ class ExponentialMovingAverage(tf.Module):
             self._set_untracked(_copy_first_step=True)
         elif variables is not None:
             variables = list(variables)
-            if [_variable_key(v) for v in variables] != [
-                _variable_key(v) for v in self._averaged
+            if [variable_key(v) for v in variables] != [
+                variable_key(v) for v in self._averaged
             ]:
                 raise ValueError(
                     "`variables` must be the variables the average was built "
@@ -413,19 +339,9 @@ class ExponentialMovingAverage(tf.Module):
                 "in); updating now would average the average. Call "
                 "`swap_out()` before training."
             )
-        if tf.distribute.in_cross_replica_context():
-            self._update_cross_replica(self._strategy, step, applied)
-            return
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._update_cross_replica, self._strategy, step, applied
-        )
+        self._updater.run(self._update_cross_replica, step, applied)
 
-    def _update_cross_replica(self, strategy, step, applied):
-        # Through a merge_call, per-replica values arrive as PerReplica; all
-        # replicas agree on them, so take the first.
-        def agreed(value):
-            return strategy.experimental_local_results(value)[0]
-
+    def _update_cross_replica(self, agreed, step, applied):
         if step is None:
             t = self.step + 1
         else:
@@ -434,10 +350,7 @@ class ExponentialMovingAverage(tf.Module):
         k = self.update_every
 
         def move():
-            self._move(strategy, self._rates(s))
-
-        def copy():
-            self._for_each_shadow(strategy, _shadow_copy)
+            self._updater.move(self._rates(s))
 
         # One condition at most around the variables: every tf.cond that
         # touches the shadows costs a pass over their handles even when it
@@ -449,7 +362,7 @@ class ExponentialMovingAverage(tf.Module):
             must_copy = s <= 0
             if copy_first_step:
                 must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
-            body = lambda: tf.cond(must_copy, copy, move)  # noqa: E731
+            body = lambda: tf.cond(must_copy, self._updater.copy, move)  # noqa: E731
             if due is not None:
                 due = tf.logical_or(due, must_copy)
         if applied is not None:
@@ -469,27 +382,6 @@ class ExponentialMovingAverage(tf.Module):
         dtypes = {shadow.dtype for shadow in self._shadows}
         return {dtype: tf.cast(rate, dtype) for dtype in dtypes}
 
-    def _move(self, strategy, rates):
-        """Moves every shadow towards its variable."""
-        if tf.distribute.has_strategy() or not self._fused:
-            self._for_each_shadow(strategy, _shadow_update, rates)
-            return
-        # Outside XLA, TF runs `shadow - w` and the update as two kernels,
-        # twice the memory traffic of one fused loop; an inner XLA function
-        # fuses them. It pays off for large variables only: an XLA launch has
-        # a fixed cost per argument.
-        self._fused_update(rates)
-        self._for_each_shadow(strategy, _shadow_update, rates, self._unfused)
-
-    def _for_each_shadow(self, strategy, fn, rates=None, pairs=None):
-        if pairs is None:
-            pairs = zip(self._shadows, self._averaged)
-        for shadow, variable in pairs:
-            args = (_tf_variable(variable),)
-            if rates is not None:
-                args += (rates[shadow.dtype],)
-            strategy.extended.update(_tf_variable(shadow), fn, args=args, group=False)
-
     # ------------------------------------------------------------------- swap
 
     @property
@@ -504,7 +396,7 @@ class ExponentialMovingAverage(tf.Module):
         restore the raw values bit for bit.
         """
         self._check_built("swap_in")
-        self._swap.swap_in()
+        self._swap.swap_in(self._shadows)
 
     def swap_out(self) -> None:
         """Restores the raw values put aside by `swap_in`, bit for bit."""
@@ -547,52 +439,6 @@ class ExponentialMovingAverage(tf.Module):
                 f"Call `build(variables)` or `apply(variables)` on the average "
                 f"{self.name!r} before `{method}`."
             )
-
-
-class ExactSwap:
-    """Swaps values into variables and back, bit for bit.
-
-    `swap_in` keeps the variables' raw values aside as tensors and assigns
-    the replacement values (cast to each variable's dtype); `swap_out` assigns
-    the kept tensors back. Nothing is recomputed, so the round trip is exact
-    for every dtype (unlike the add/subtract swap, which rounds).
-
-    Args:
-        variables: The variables to swap values into.
-        values: Variables holding the replacement values, aligned with
-            `variables`.
-        name: A name for error messages.
-    """
-
-    def __init__(self, variables: Sequence, values: Sequence, name: str):
-        self.variables = list(variables)
-        self.values = list(values)
-        self.name = name
-        self.raw_values = None
-
-    @property
-    def is_swapped(self) -> bool:
-        return self.raw_values is not None
-
-    def swap_in(self) -> None:
-        if self.is_swapped:
-            raise ValueError(
-                f"The average {self.name!r} is already swapped in; call "
-                "`swap_out()` first."
-            )
-        raw = [tf.identity(_tf_variable(v)) for v in self.variables]
-        for variable, value in zip(self.variables, self.values):
-            variable.assign(tf.cast(_tf_variable(value), variable.dtype))
-        self.raw_values = raw
-
-    def swap_out(self) -> None:
-        if not self.is_swapped:
-            raise ValueError(
-                f"The average {self.name!r} is not swapped in; nothing to swap out."
-            )
-        for variable, raw in zip(self.variables, self.raw_values):
-            variable.assign(raw)
-        self.raw_values = None
 
 
 def _check_int(name, value, minimum):

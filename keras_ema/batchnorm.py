@@ -8,11 +8,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ema import _compat
+
 
 def _batchnorm_layers(model):
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
+        for layer in _compat.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 

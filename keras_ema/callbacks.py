@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import keras
 
-from keras_ema import schedules
+from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.export import ema_weights
-from keras_ema.model_average import ModelAverage, optimizer_chain
-from keras_ema.optimizer import EMAOptimizer
+from keras_ema.holder import (
+    HELD_BY_EMASWAP,
+    HELD_BY_END_OF_FIT,
+    WeightHolder,
+    ema_optimizer_of,
+    install_average,
+    optimizer_chain,
+)
 
 EVALUATE_MODES = ("ema", "both")
-# Models in a fit with an EMASwap: their val_* metrics are the average's.
-_FITTING_WITH_EMASWAP = weakref.WeakSet()
 TRAIN_END_MODES = ("ema", "raw")
 
 
@@ -25,28 +28,38 @@ class EMASwap(keras.callbacks.Callback):
     During `fit`, training steps always run on the raw weights; every
     validation pass runs on the averaged (EMA) weights, so the `val_*` logs,
     and with them `EarlyStopping`, `ModelCheckpoint`, `ReduceLROnPlateau`
-    and TensorBoard, follow the average. `model.evaluate(...,
-    callbacks=[EMASwap()])` and `model.predict(..., callbacks=[EMASwap()])`
-    use the averaged weights and leave the raw weights in place afterwards,
-    bit for bit.
+    and TensorBoard, follow the average. From the validation to the end of
+    the epoch (`swap_on_epoch`) the model holds the average, so that
+    callbacks that save or restore the model at the end of an epoch get the
+    weights its `val_*` metrics describe: `ModelCheckpoint` saves the average
+    (the raw weights come along in the optimizer's state), and
+    `EarlyStopping(restore_best_weights=True)` ends the fit holding the best
+    epoch's average, which `ema_weights` and `export_saved_model` then serve.
+    `model.evaluate(..., callbacks=[EMASwap()])` and `model.predict(...,
+    callbacks=[EMASwap()])` use the averaged weights and leave the raw
+    weights in place afterwards, bit for bit.
+
+    EMASwap runs before the other callbacks of its `fit`, wherever it is
+    listed, so that all of them see its `val_raw_*` and `ema_decay` logs.
 
     Where the average comes from, in this order: a `keras_ema.EMAOptimizer`
     (also inside a `LossScaleOptimizer`); a Keras optimizer with
-    `use_ema=True` (its averages are swapped exactly; its end-of-fit
-    overwrite of the weights is suspended so the raw weights survive);
-    otherwise, with `decay` given, `EMASwap` wraps the compiled optimizer in
-    an `EMAOptimizer` when training begins, so the update runs inside the
+    `use_ema=True` (its averages are swapped exactly); otherwise, with
+    `decay` given, `EMASwap` wraps the compiled optimizer in an
+    `EMAOptimizer` when training begins, so the update runs inside the
     compiled train step.
 
     Swapping is exact: the raw weights are kept aside and assigned back,
-    never recomputed. While the model holds the averaged weights, its train
-    function refuses to run, so the average is never trained by mistake; the
-    next `fit` with `EMASwap` resumes from the raw weights.
+    never recomputed. Training always resumes from the raw weights, with or
+    without `EMASwap`, and weights written into the model by anything else
+    while it holds the average (`set_weights`, `load_weights`, ...) are
+    taken as the user's: they stay, and are never called the average.
 
     Args:
         decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`: the
             average to install when the optimizer keeps none. `None` (the
-            default) requires the optimizer to keep one.
+            default) requires the optimizer to keep one. If it keeps one
+            configured otherwise, a ValueError names both.
         update_every: With `decay`: update every this many steps.
         start_step: With `decay`: before this step the average copies the
             weights.
@@ -55,12 +68,11 @@ class EMASwap(keras.callbacks.Callback):
             `val_raw_*` the raw weights', from one pass each over the same
             validation data.
         on_train_end: What the model holds when `fit` returns: `"ema"` (the
-            averaged weights, the raw ones kept aside for the next `fit`) or
-            `"raw"`.
-        swap_on_epoch: Hold the averaged weights from validation through the
-            end of each epoch, so that callbacks listed after this one that
-            read the model in `on_epoch_end` (`ModelCheckpoint`,
-            `EarlyStopping(restore_best_weights=True)`) see the average.
+            averaged weights, the raw ones kept aside for the next training)
+            or `"raw"`.
+        swap_on_epoch: `True` (the default): the model holds the average
+            from the validation (or the last step, in epochs without one)
+            to the end of each epoch. `False`: only during validation.
 
     Example:
 
@@ -81,7 +93,7 @@ class EMASwap(keras.callbacks.Callback):
         start_step: int = 0,
         evaluate: str = "ema",
         on_train_end: str = "ema",
-        swap_on_epoch: bool = False,
+        swap_on_epoch: bool = True,
     ):
         super().__init__()
         if decay is None:
@@ -116,131 +128,126 @@ class EMASwap(keras.callbacks.Callback):
         self.evaluate = evaluate
         self.on_train_end_mode = on_train_end
         self.swap_on_epoch = swap_on_epoch
-        self._average = None
         self._in_fit = False
         self._swapped_here = False
-        self._suspended_finalize = None
+        self._restorers = []
 
     @staticmethod
     def restore_raw_weights(model) -> None:
         """Puts the raw weights back into a model that holds its average.
 
-        For a model that `fit(..., callbacks=[EMASwap()])` left holding the
-        averaged weights, before training it without `EMASwap`.
+        Training does this by itself; this is for code that reads the
+        weights, or a custom loop. Weights written into the model since the
+        average went in are the user's: they stay.
         """
-        average = ModelAverage.of(model)
-        if average.is_swapped:
-            average.swap_out()
+        WeightHolder.of(model).swap_out()
+
+    @property
+    def _holder(self) -> WeightHolder:
+        return WeightHolder.of(self.model)
 
     # ------------------------------------------------------------ training
 
     def on_train_begin(self, logs=None):
-        _FITTING_WITH_EMASWAP.add(self.model)
-        self._in_fit = True
-        chain = optimizer_chain(getattr(self.model, "optimizer", None))
-        has_source = any(
-            isinstance(o, EMAOptimizer) or getattr(o, "use_ema", False) for o in chain
-        )
-        if not has_source and self._install_config is None:
-            raise ValueError(
-                "EMASwap found no moving average to swap: the optimizer is "
-                "neither a keras_ema.EMAOptimizer nor a Keras optimizer with "
-                "`use_ema=True`. Pass `decay` (e.g. `EMASwap(decay=0.999)`) "
-                "to install one, or compile with "
-                "`keras_ema.EMAOptimizer(optimizer, decay=...)`."
-            )
-        for optimizer in chain:
-            if getattr(optimizer, "use_ema", False):
-                self._suspend_keras_finalize(optimizer)
-        if has_source:
-            average = ModelAverage.find(self.model, build=True)
-        else:
-            average = ModelAverage.install(self.model, **self._install_config)
-        if average is not None and average.is_swapped:
-            # Left holding the average by an earlier fit: resume from raw.
-            average.swap_out()
-        # None for a model that fit builds at its first step (subclassed, or
-        # no Input): the average is built then, and found at first use.
-        self._average = average
+        callbacks = _compat.callback_list_running(self)
+        if callbacks is not None:
+            # First, so that the callbacks listed before it see its logs.
+            callbacks.callbacks.remove(self)
+            callbacks.callbacks.insert(0, self)
+        holder = self._holder
+        # Training starts from the raw weights, with everything it needs.
+        if holder.prepare_for_training():
+            self.model.make_train_function(force=True)
+        if self._check_source():
+            install_average(self.model, **self._install_config)
+        self._restorers = [
+            c
+            for c in (callbacks.callbacks if callbacks is not None else [])
+            if isinstance(c, keras.callbacks.EarlyStopping) and c.restore_best_weights
+        ]
+        holder.emaswap_in_fit = self._in_fit = True
 
-    @property
-    def _model_average(self):
-        """The average; found at first use for models built by fit."""
-        if self._average is None:
-            self._average = ModelAverage.of(self.model)
-        return self._average
+    def _check_source(self) -> bool:
+        """Checks the model's average against this callback's arguments.
+
+        Returns whether to install one (`decay` given, none there).
+        """
+        config = self._install_config
+        ema_optimizer = ema_optimizer_of(self.model)
+        if ema_optimizer is not None:
+            averager = ema_optimizer.averager
+            if config is not None and _differs(averager, config):
+                raise ValueError(
+                    "The model already keeps an average, keras_ema.EMAOptimizer("
+                    f"decay={averager.schedule!r}, update_every="
+                    f"{averager.update_every}, start_step={averager.start_step}),"
+                    f" and EMASwap(decay={config['decay']!r}, update_every="
+                    f"{config['update_every']}, start_step="
+                    f"{config['start_step']}) would not change it. Pass "
+                    "`EMASwap()` to use the model's average, or compile with "
+                    "the EMAOptimizer you want."
+                )
+            return False
+        chain = optimizer_chain(getattr(self.model, "optimizer", None))
+        keras_average = next((o for o in chain if getattr(o, "use_ema", False)), None)
+        if keras_average is None:
+            if config is None:
+                raise ValueError(
+                    "EMASwap found no moving average to swap: the optimizer is "
+                    "neither a keras_ema.EMAOptimizer nor a Keras optimizer "
+                    "with `use_ema=True`. Pass `decay` (e.g. "
+                    "`EMASwap(decay=0.999)`) to install one, or compile with "
+                    "`keras_ema.EMAOptimizer(optimizer, decay=...)`."
+                )
+            return True
+        _check_keras_average(keras_average, config, self.swap_on_epoch)
+        return False
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._average is not None and self._average.is_swapped:
-            self._average.swap_out()
+        self._holder.swap_out()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             logs = {}
+        holder = self._holder
+        if self.swap_on_epoch:
+            holder.swap_in(HELD_BY_EMASWAP)
         validated = any(key.startswith("val_") for key in logs)
         if self.evaluate == "both" and validated:
-            logs.update(self._evaluate_raw())
-        logs["ema_decay"] = self._model_average.current_decay()
-        if self.swap_on_epoch and not self._average.is_swapped:
-            self._average.swap_in()
+            with holder.holding_raw():
+                raw_logs = _compat.evaluate_on_fit_validation_data(self.model)
+            logs.update({f"val_raw_{k}": v for k, v in raw_logs.items()})
+        logs["ema_decay"] = holder.require_source().current_decay()
 
     def on_train_end(self, logs=None):
-        self._in_fit = False
-        _FITTING_WITH_EMASWAP.discard(self.model)
-        self._restore_keras_finalize()
-        if self._average is None and ModelAverage.find(self.model) is None:
+        holder = self._holder
+        self._in_fit = holder.emaswap_in_fit = False
+        if holder.source() is None:
             return  # stopped before the first step
-        average = self._model_average
-        if self.on_train_end_mode == "ema" and not average.is_swapped:
-            average.swap_in()
-        elif self.on_train_end_mode == "raw" and average.is_swapped:
-            average.swap_out()
-
-    def _evaluate_raw(self):
-        """The raw weights' metrics on fit's validation data, as `val_raw_*`."""
-        swapped = self._model_average.is_swapped
-        if swapped:
-            self._average.swap_out()
-        try:
-            # fit keeps its validation iterator for the epoch; reuse it rather
-            # than asking the user for the validation data twice.
-            raw_logs = self.model.evaluate(
-                verbose=0, return_dict=True, _use_cached_eval_dataset=True
-            )
-        finally:
-            if swapped:
-                self._average.swap_in()
-        return {f"val_raw_{name}": value for name, value in raw_logs.items()}
-
-    def _suspend_keras_finalize(self, optimizer):
-        # Keras's use_ema copies its average over the weights at the end of
-        # fit, which would lose the raw weights; keep them, and swap instead.
-        if self._suspended_finalize is None:
-            optimizer.finalize_variable_values = _keep_raw_weights
-            self._suspended_finalize = optimizer
-
-    def _restore_keras_finalize(self):
-        if self._suspended_finalize is not None:
-            del self._suspended_finalize.finalize_variable_values
-            self._suspended_finalize = None
+        restorer = next(
+            (c for c in reversed(self._restorers) if c.best_weights is not None),
+            None,
+        )
+        if restorer is not None and self.swap_on_epoch:
+            # It will restore the weights it kept at its best epoch, which
+            # were the average's: hold them as such, the raw weights aside.
+            holder.hold_snapshot(restorer.best_weights)
+        elif self.on_train_end_mode == "ema":
+            holder.swap_in(HELD_BY_END_OF_FIT)
+            holder.held_by = HELD_BY_END_OF_FIT
+        else:
+            holder.swap_out()
+        self._restorers = []
 
     # ---------------------------------------------- evaluation, prediction
 
     def _begin_judging(self):
-        if self._in_fit:
-            average = self._model_average
-        else:
-            average = ModelAverage.of(self.model)
-            self._average = average
-        self._swapped_here = not average.is_swapped
-        if self._swapped_here:
-            average.swap_in()
+        self._swapped_here = self._holder.swap_in(HELD_BY_EMASWAP)
 
     def _end_judging(self):
-        if self._in_fit and self.swap_on_epoch:
-            return
-        if self._swapped_here and self._average.is_swapped:
-            self._average.swap_out()
+        keep = self._in_fit and self.swap_on_epoch
+        if self._swapped_here and not keep:
+            self._holder.swap_out()
         self._swapped_here = False
 
     def on_test_begin(self, logs=None):
@@ -256,8 +263,44 @@ class EMASwap(keras.callbacks.Callback):
         self._end_judging()
 
 
-def _keep_raw_weights(var_list):
-    del var_list
+def _check_keras_average(optimizer, config, swap_on_epoch):
+    momentum = optimizer.ema_momentum
+    if config is not None and (
+        config["decay"] != momentum
+        or config["update_every"] != 1
+        or config["start_step"] != 0
+    ):
+        raise ValueError(
+            "The model already keeps an average, Keras's use_ema=True with "
+            f"ema_momentum={momentum}, and EMASwap(decay={config['decay']!r}, "
+            f"update_every={config['update_every']}) would not change it. Pass "
+            "`EMASwap()` to use it, or compile with "
+            "`keras_ema.EMAOptimizer(optimizer, decay=...)`."
+        )
+    if not swap_on_epoch:
+        raise ValueError(
+            "EMASwap(swap_on_epoch=False) cannot keep the raw weights of a "
+            "Keras optimizer with use_ema=True: Keras copies its average over "
+            "the weights at the end of fit, after the last epoch. Use "
+            "swap_on_epoch=True (the default), or compile with "
+            "keras_ema.EMAOptimizer."
+        )
+    if optimizer.ema_overwrite_frequency:
+        raise ValueError(
+            "EMASwap cannot keep the raw weights of a Keras optimizer with "
+            "`ema_overwrite_frequency` set: Keras copies its average over the "
+            "weights inside the train step. Set it to None."
+        )
+
+
+def _differs(averager, config) -> bool:
+    wanted = ExponentialMovingAverage(**config)
+    return (
+        keras.saving.serialize_keras_object(averager.schedule)
+        != keras.saving.serialize_keras_object(wanted.schedule)
+        or averager.update_every != wanted.update_every
+        or averager.start_step != wanted.start_step
+    )
 
 
 class EMACheckpoint(keras.callbacks.ModelCheckpoint):
@@ -297,7 +340,7 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
         if (
             not self._warned
             and self.monitor.startswith("val_")
-            and self.model not in _FITTING_WITH_EMASWAP
+            and not WeightHolder.of(self.model).emaswap_in_fit
         ):
             warnings.warn(
                 f"EMACheckpoint monitors {self.monitor!r}, but this fit has no "

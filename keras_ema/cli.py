@@ -93,20 +93,21 @@ def _load(path):
     import keras
 
     import keras_ema  # noqa: F401  (registers EMAOptimizer and the schedules)
-    from keras_ema.model_average import ModelAverage
+    from keras_ema.holder import WeightHolder
 
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # noqa: BLE001 (Keras raises many kinds)
         raise CommandError(f"{path}: not a loadable Keras model ({error})") from None
-    average = ModelAverage.find(model)
-    if average is None or average.kind != "keras_ema":
+    holder = WeightHolder.of(model)
+    source = holder.source()
+    if source is None or source.kind != "keras_ema":
         raise CommandError(
             f"{path}: the model keeps no keras_ema average (its optimizer is "
             f"{type(getattr(model, 'optimizer', None)).__name__}); compile it with "
             "keras_ema.EMAOptimizer"
         )
-    return model, average
+    return model, holder
 
 
 def _export(args):
@@ -125,25 +126,21 @@ def _export(args):
 def _inspect(args):
     import numpy as np
 
-    from keras_ema.export import average_metadata
-
-    model, average = _load(args.checkpoint)
-    averager = average.optimizer.averager
-    metadata = average_metadata(model)
+    model, holder = _load(args.checkpoint)
+    source = holder.source()
+    averager = source.optimizer.averager
+    metadata = source.metadata()
     decay = metadata["decay"]
     print(f"checkpoint:    {args.checkpoint}")
-    inner = type(average.optimizer.inner_optimizer).__name__
+    inner = type(source.optimizer.inner_optimizer).__name__
     print(f"optimizer:     EMAOptimizer({inner})")
     print(f"decay:         {decay['class_name']}({_arguments(decay['config'])})")
     for key in ("update_every", "start_step", "init", "shadow_dtype", "step"):
         print(f"{key + ':':15s}{metadata[key]}")
     print(f"current decay: {metadata['current_decay']:.6g}")
-    held = "the average" if average.is_swapped else "the raw weights"
+    held = "the average" if holder.holds_average else "the raw weights"
     print(f"model holds:   {held}")
-    if average.is_swapped:
-        raw_values = [np.asarray(v) for v in averager._swap.raw_values]
-    else:
-        raw_values = [v.numpy() for v in averager.averaged_variables]
+    raw_values = [np.asarray(v) for v in holder.raw_values()]
     rows = []
     for path, shadow, raw in zip(
         averager.shadows_by_path, averager.shadows, raw_values

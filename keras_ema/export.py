@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
-from keras_ema.model_average import ModelAverage
+from keras_ema import _compat
+from keras_ema.holder import HELD_BY_CONTEXT, WeightHolder
 
 EXPORT_WEIGHTS = ("ema", "raw")
 
@@ -24,12 +25,17 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
 
     On exit, even through an exception, the raw weights are back bit for
     bit. `model.evaluate`, `model.predict`, `model.save` and `model.export`
-    inside see the averaged model; training inside raises an error instead of
-    training the average. Works for models trained with
-    `keras_ema.EMAOptimizer`, with a Keras optimizer's `use_ema=True`, or
-    with the average `keras_ema.EMASwap(decay=...)` installed. If the model
-    already holds its average (left by `EMASwap(on_train_end="ema")`), it
-    keeps holding it after the block.
+    inside see the averaged model; `fit` and `train_on_batch` inside raise a
+    RuntimeError instead of training the average. Works for models trained
+    with `keras_ema.EMAOptimizer`, with a Keras optimizer's `use_ema=True`,
+    or with the average `keras_ema.EMASwap(decay=...)` installed. If the
+    model holds its average already (left by `EMASwap` at the end of `fit`,
+    or an earlier state of it restored by `EarlyStopping`), that is what the
+    block serves, and the model keeps holding it after the block.
+
+    Weights written into the model inside the block (`set_weights`,
+    `load_weights`) are the user's: they stay after the block, and the raw
+    weights kept aside are dropped.
 
     Args:
         model: A compiled Keras model whose optimizer keeps an average.
@@ -52,62 +58,15 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
-    average = ModelAverage.of(model)
-    if average.in_context:
+    holder = WeightHolder.of(model)
+    holder.require_source()
+    if holder.holds_average and holder.held_by == HELD_BY_CONTEXT:
         raise ValueError(
             "`ema_weights` is already active on this model; nesting it would "
             "swap the average over itself."
         )
-    swapped_here = not average.is_swapped
-    if swapped_here:
-        average.swap_in()
-    average.in_context = True
-    try:
+    with holder.holding_average(HELD_BY_CONTEXT):
         yield model
-    finally:
-        average.in_context = False
-        if swapped_here and average.is_swapped:
-            average.swap_out()
-
-
-@contextlib.contextmanager
-def _raw_weights(model: keras.Model) -> Iterator[keras.Model]:
-    """Context manager: the model holds its raw weights inside."""
-    average = ModelAverage.find(model)
-    swapped = average is not None and average.is_swapped
-    if swapped:
-        average.swap_out()
-    try:
-        yield model
-    finally:
-        if swapped:
-            average.swap_in()
-
-
-def average_metadata(model: keras.Model) -> dict:
-    """A JSON-able description of the model's average (empty without one)."""
-    average = ModelAverage.find(model)
-    if average is None:
-        return {}
-    if average.kind == "keras_ema":
-        averager = average.optimizer.averager
-        config = averager.get_config()
-        return {
-            "source": "keras_ema.EMAOptimizer",
-            "decay": config["decay"],
-            "update_every": config["update_every"],
-            "start_step": config["start_step"],
-            "init": config["init"],
-            "shadow_dtype": config["shadow_dtype"],
-            "step": int(averager.step.numpy()),
-            "current_decay": average.current_decay(),
-        }
-    return {
-        "source": "keras use_ema",
-        "decay": float(average.optimizer.ema_momentum),
-        "step": int(average.optimizer.iterations.numpy()),
-        "current_decay": average.current_decay(),
-    }
 
 
 def export_saved_model(
@@ -161,11 +120,14 @@ def export_saved_model(
         raise FileExistsError(
             f"`path` {path!r} exists; pass `overwrite=True` to replace it."
         )
-    if weights == "ema":
-        ModelAverage.of(model)  # a clear error now, before writing anything
+    holder = WeightHolder.of(model)
+    source = holder.require_source() if weights == "ema" else holder.source()
     if input_signature is None:
-        input_signature = _input_signature(model)
-    metadata = {"weights": weights, "average": average_metadata(model)}
+        input_signature = _compat.input_signature(model)
+    metadata = {
+        "weights": weights,
+        "average": source.metadata() if source is not None else {},
+    }
     metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
 
     parent = os.path.dirname(path)
@@ -174,13 +136,12 @@ def export_saved_model(
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
         if weights == "raw":
-            holding = _raw_weights(model)
-        elif ModelAverage.of(model).is_swapped:
-            # Already holding the average (inside `ema_weights`, or left by
-            # EMASwap): export it as it is.
-            holding = contextlib.nullcontext()
+            holding = holder.holding_raw()
         else:
-            holding = ema_weights(model)
+            # If the model holds its average already (inside `ema_weights`,
+            # left by EMASwap, or an earlier state restored by EarlyStopping),
+            # that is what goes out.
+            holding = holder.holding_average(HELD_BY_CONTEXT)
         with holding:
             archive = keras.export.ExportArchive()
             archive.track_and_add_endpoint("serve", model, input_signature)
@@ -203,17 +164,6 @@ def _constant_function(text):
     function = tf.function(lambda: tf.constant(text), input_signature=[])
     function()
     return function
-
-
-def _input_signature(model):
-    try:
-        from keras.src.export.export_utils import get_input_signature
-    except ImportError:  # older Keras 3: the model's symbolic inputs
-        return [
-            keras.InputSpec(shape=tensor.shape, dtype=tensor.dtype)
-            for tensor in model.inputs
-        ]
-    return get_input_signature(model)
 
 
 def _move_into_place(staging, path):

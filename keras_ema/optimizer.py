@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_ema import schedules
+from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
+from keras_ema.optimizer_state import AverageSaving
 
 LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 NON_TRAINABLE_MODES = ("live", "average")
@@ -28,7 +28,9 @@ _BASE_OPTIMIZER_ARGS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
-class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
+class EMAOptimizer(
+    InnerOptimizerForwarding, AverageSaving, keras.optimizers.Optimizer
+):
     """Wraps an optimizer and keeps the moving average of the weights.
 
     Each step runs the wrapped optimizer's update, then the average's update,
@@ -128,14 +130,16 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
             if non_trainable == "average"
             else None
         )
-        self._pending_non_trainable = None
-        self._set_attached([])
+        self._set_untracked(_attached=[])
+        self._init_saving()
 
-    @tf.__internal__.tracking.no_automatic_dependency_tracking
-    def _set_attached(self, averagers):
-        # Attached averages keep their own state (PostHocEMA's snapshots);
-        # they are not part of this optimizer's saved state.
-        self._attached = averagers
+    @_compat.no_automatic_dependency_tracking
+    def _set_untracked(self, **attributes):
+        # Attached averages (PostHocEMA's), loaded entries waiting for their
+        # variables and the holder's reference are no part of this
+        # optimizer's checkpointed state.
+        for name, value in attributes.items():
+            setattr(self, name, value)
 
     def attach(self, averager: ExponentialMovingAverage) -> None:
         """Updates another built average at every step, after this one's.
@@ -155,11 +159,13 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
             )
         if any(a is averager for a in self._attached):
             return
-        self._set_attached(self._attached + [averager])
+        self._set_untracked(_attached=self._attached + [averager])
 
     def detach(self, averager: ExponentialMovingAverage) -> None:
         """Stops updating an average attached with `attach`."""
-        self._set_attached([a for a in self._attached if a is not averager])
+        self._set_untracked(
+            _attached=[a for a in self._attached if a is not averager]
+        )
 
     # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
     # it, meaning "I own loss scaling now". If this optimizer wraps a
@@ -193,26 +199,52 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
             return self.inner_optimizer.inner_optimizer
         return self.inner_optimizer
 
-    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    @_compat.no_automatic_dependency_tracking
     def build(self, var_list):
         # The wrapped optimizer may have trained before it was wrapped.
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         self.averager.build(var_list)
         super().build(var_list)
+        if self._pending_store is not None:
+            self._load_entries(*self._pending_store)
+
+    @property
+    def averaged_variables(self) -> list:
+        """The model variables averaged, trainable then non-trainable."""
+        return [v for a in self._own_averagers() for v in a.averaged_variables]
+
+    @property
+    def shadow_variables(self) -> list:
+        """Their averages, aligned with `averaged_variables`."""
+        return [v for a in self._own_averagers() for v in a.shadows]
+
+    @property
+    def needs_non_trainable(self) -> bool:
+        """Whether it waits for `track_non_trainable` before training."""
+        averager = self.non_trainable_averager
+        return averager is not None and not averager.built
+
+    def _own_averagers(self):
+        averagers = [self.averager]
+        if self.non_trainable_averager is not None:
+            averagers.append(self.non_trainable_averager)
+        return [a for a in averagers if a.built]
 
     def apply(self, grads, trainable_variables=None):
         # Checked before anything is built: variables created in a trace
         # that then fails are left unusable.
+        self._check_not_holding_loaded_average()
         averagers = [self.averager]
         if self.non_trainable_averager is not None:
             if not self.non_trainable_averager.built:
                 raise ValueError(
                     "EMAOptimizer(non_trainable='average') needs the model's "
-                    "non-trainable variables: train with "
-                    "`callbacks=[keras_ema.EMASwap()]` or call "
-                    "`optimizer.track_non_trainable(model.non_trainable_variables)`"
-                    " before training."
+                    "non-trainable variables before training: pass "
+                    "`callbacks=[keras_ema.EMASwap()]` to `fit` (it hands them "
+                    "over at the start of `fit`, once the model is built), or "
+                    "call `optimizer.track_non_trainable("
+                    "model.non_trainable_variables)` first."
                 )
             averagers.append(self.non_trainable_averager)
         averagers += self._attached
@@ -240,10 +272,11 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
     def track_non_trainable(self, variables) -> None:
         """Averages the model's float non-trainable variables too.
 
-        For `non_trainable="average"`: call it with
-        `model.non_trainable_variables` before training (`EMASwap`,
-        `ema_weights` and `export_saved_model` do it for you). Integer
-        variables are left live. Calling it again is a no-op.
+        For `non_trainable="average"`: `fit` calls it with
+        `model.non_trainable_variables` at its start (from the first `fit`
+        with `EMASwap` on, or once any keras_ema function has seen the model);
+        custom loops call it before training. Integer variables are left
+        live. Calling it again is a no-op.
 
         Args:
             variables: The model's non-trainable variables.
@@ -260,10 +293,9 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
             v for v in variables if tf.as_dtype(v.dtype).is_floating and not v.trainable
         ]
         averager.build(floats)
-        averager.step.assign(self.averager.step)
-        if self._pending_non_trainable is not None:
-            _load_average(averager, self._pending_non_trainable, "non_trainable")
-            self._pending_non_trainable = None
+        if self.averager.built:
+            averager.step.assign(self.averager.step)
+        self._finish_non_trainable_load()
 
     def _may_skip_steps(self):
         """Whether a call to the wrapped optimizer may apply no update.
@@ -302,56 +334,15 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
         # from them, and the average is swapped in where it is wanted.
         del var_list
 
-    def save_own_variables(self, store):
-        # The wrapped optimizer saves its own state (Keras walks into it);
-        # the average is saved by path, so it loads into the right variables.
-        # Saved while the model holds the average, the file also keeps the
-        # raw weights, so that nothing is lost.
-        _save_average(self.averager, store, "")
-        averager = self.non_trainable_averager
-        if averager is not None and averager.built:
-            _save_average(averager, store, "non_trainable")
-
-    def load_own_variables(self, store):
-        if not self.built:
-            raise ValueError(
-                f"EMAOptimizer {self.name!r} must be built before loading its "
-                "average: call `optimizer.build(model.trainable_variables)`."
-            )
-        found = set(store.keys())
-        if found and all(key.isdigit() for key in found):
-            raise ValueError(
-                f"Cannot load the average of EMAOptimizer {self.name!r}: the "
-                f"file's optimizer state ({len(found)} numbered variables) was "
-                "saved without a keras_ema average. To start an average from "
-                "those weights, load them into the model compiled with the "
-                "plain optimizer, then train with "
-                "`keras_ema.EMASwap(decay=...)` or recompile with EMAOptimizer."
-            )
-        non_trainable = {
-            key: store[key] for key in found if key.startswith("non_trainable")
-        }
-        averager = self.non_trainable_averager
-        if averager is None and non_trainable:
-            raise ValueError(
-                f"The file averages non-trainable variables, but EMAOptimizer "
-                f"{self.name!r} has non_trainable='live'."
-            )
-        if averager is not None and not non_trainable:
-            raise ValueError(
-                f"EMAOptimizer {self.name!r} has non_trainable='average', but "
-                "the file holds no average of non-trainable variables."
-            )
-        trainable = {key: store[key] for key in found - set(non_trainable)}
-        _load_average(self.averager, trainable, "", self.name)
-        if averager is not None:
-            if averager.built:
-                _load_average(averager, non_trainable, "non_trainable", self.name)
-            else:
-                # Loaded before the model's non-trainable variables are known.
-                self._pending_non_trainable = non_trainable
-
     def get_config(self):
+        if _compat.in_legacy_h5_save():
+            raise ValueError(
+                "keras_ema's EMAOptimizer cannot be saved in the legacy `.h5` "
+                "format: Keras's legacy loader restores no optimizer state "
+                "(not even Adam's), so the average would be lost. Save as "
+                "`.keras` (`model.save('model.keras')`), or pass "
+                "`include_optimizer=False` to save the model's weights alone."
+            )
         averager_config = self.averager.get_config()
         del averager_config["name"]
         return {
@@ -371,53 +362,3 @@ class EMAOptimizer(InnerOptimizerForwarding, keras.optimizers.Optimizer):
         )
         config["decay"] = schedules.get(config["decay"])
         return cls(inner_optimizer, **config)
-
-
-def _store_key(prefix, kind, path=None):
-    # HDF5 reads '/' in a key as nested groups, which `store.keys()` hides.
-    key = f"{prefix}_{kind}" if prefix else kind
-    return key if path is None else f"{key}:" + path.replace("/", "|")
-
-
-def _save_average(averager, store, prefix):
-    store[_store_key(prefix, "step")] = averager.step.numpy()
-    paths = list(averager.shadows_by_path)
-    for path, shadow in zip(paths, averager.shadows):
-        store[_store_key(prefix, "average", path)] = shadow.numpy()
-    if averager.is_swapped:
-        for path, raw in zip(paths, averager._swap.raw_values):
-            store[_store_key(prefix, "raw", path)] = raw.numpy()
-
-
-def _load_average(averager, values, prefix, name="EMAOptimizer"):
-    """Loads `values` (key -> array) saved by `_save_average` into `averager`."""
-    paths = list(averager.shadows_by_path)
-    expected = {_store_key(prefix, "step")}
-    expected |= {_store_key(prefix, "average", p) for p in paths}
-    raw_keys = {_store_key(prefix, "raw", p) for p in paths}
-    found = set(values)
-    has_raw = bool(found & raw_keys)
-    if has_raw:
-        expected |= raw_keys
-    if expected != found:
-        missing = sorted(expected - found)
-        unexpected = sorted(found - expected)
-        raise ValueError(
-            f"Cannot load the average of EMAOptimizer {name!r}: the saved "
-            "average does not match this model's variables. Missing from the "
-            f"file: {missing[:5]}; in the file but not in the model: "
-            f"{unexpected[:5]}."
-        )
-    averager.step.assign(values[_store_key(prefix, "step")])
-    for path, shadow in zip(paths, averager.shadows):
-        shadow.assign(values[_store_key(prefix, "average", path)])
-    # The model's weights come from the same file: the averaged ones if it
-    # was saved while swapped, with the raw ones kept aside again.
-    averager._swap.raw_values = (
-        [
-            tf.constant(np.asarray(values[_store_key(prefix, "raw", p)]), dtype=v.dtype)
-            for p, v in zip(paths, averager.averaged_variables)
-        ]
-        if has_raw
-        else None
-    )

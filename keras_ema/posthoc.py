@@ -28,8 +28,7 @@ import numpy as np
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage, relative_paths
-from keras_ema.model_average import optimizer_chain
-from keras_ema.optimizer import EMAOptimizer
+from keras_ema.holder import ema_optimizer_of, install_average
 
 SNAPSHOT_DTYPES = ("float16", "float32")
 _SNAPSHOT = re.compile(r"^phema-(?P<sigma_rel>\d+\.\d+)-(?P<step>\d+)\.npz$")
@@ -336,18 +335,15 @@ def _save_npz(path, arrays):
 
 
 def _ensure_ema_optimizer(model):
-    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
-        if isinstance(candidate, EMAOptimizer):
-            if not candidate.built:
-                with model.distribute_strategy.scope():
-                    candidate.build(model.trainable_variables)
-            return candidate
-    # No average yet: wrap the optimizer in one whose own average is cheap to
-    # ignore (the post-hoc averages are attached to it).
-    from keras_ema.model_average import ModelAverage
-
-    ModelAverage.install(model, decay=0.999)
-    return model.optimizer
+    optimizer = ema_optimizer_of(model)
+    if optimizer is None:
+        # No average yet: wrap the optimizer in one whose own average is
+        # cheap to ignore (the post-hoc averages are attached to it).
+        return install_average(model, decay=0.999)
+    if not optimizer.built:
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)
+    return optimizer
 
 
 def _load_snapshot(averager, snapshot):

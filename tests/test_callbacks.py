@@ -52,14 +52,26 @@ class RecordWeights(keras.callbacks.Callback):
 
 
 class RecordEpochEnd(keras.callbacks.Callback):
-    """Records what the model holds when `on_epoch_end` reaches it."""
+    """Records what the model holds, and the logs, at `on_epoch_end`."""
 
     def __init__(self):
         super().__init__()
         self.weights = []
+        self.logs = []
 
     def on_epoch_end(self, epoch, logs=None):
         self.weights.append(values(self.model.trainable_variables))
+        self.logs.append(dict(logs))
+
+
+class RecordFirstBatch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.weights is None:
+            self.weights = values(self.model.trainable_variables)
 
 
 def raw_bytes(variables):
@@ -292,13 +304,14 @@ def test_validation_metrics_are_the_averaged_models(source):
     model = make_model()
     w0 = values(model.trainable_variables)
     swap_kwargs, init = compile_with(model, source)
-    raw_at_epoch_end = RecordEpochEnd()
+    at_epoch_end = RecordEpochEnd()
     record = RecordWeights()
     epochs = 2
     history = fit(
         model,
-        # Listed before EMASwap: at on_epoch_end the model holds raw weights.
-        [raw_at_epoch_end, record, keras_ema.EMASwap(evaluate="both", **swap_kwargs)],
+        # Listed before EMASwap, which runs first all the same: this callback
+        # sees its logs, and the average in the model.
+        [at_epoch_end, record, keras_ema.EMASwap(evaluate="both", **swap_kwargs)],
         epochs=epochs,
     )
     assert len(record.weights) == epochs * STEPS
@@ -314,9 +327,10 @@ def test_validation_metrics_are_the_averaged_models(source):
         assert history.history["val_mae"][epoch] == pytest.approx(
             averaged["mae"], rel=1e-5
         )
-        # The raw weights at epoch end are the last step's, and `val_raw_*`
-        # are their metrics.
-        assert_bit_equal(raw_at_epoch_end.weights[epoch], steps_run[-1])
+        # At epoch end the model holds the average; `val_raw_*` are the
+        # metrics of the raw weights, the last step's.
+        assert max_error(at_epoch_end.weights[epoch], expected) < 1e-6
+        assert {"val_raw_loss", "ema_decay"} <= set(at_epoch_end.logs[epoch])
         raw = evaluate_holding(judge, steps_run[-1], xv, yv)
         assert history.history["val_raw_loss"][epoch] == pytest.approx(
             raw["loss"], rel=1e-5
@@ -504,7 +518,7 @@ def test_resumed_fit_equals_uninterrupted_fit():
     assert max_error(raw, shadows) > 1e-3
 
 
-def test_training_a_model_holding_its_average_is_refused():
+def test_training_a_model_holding_its_average_resumes_from_raw():
     model = make_model()
     w0 = values(model.trainable_variables)
     model.compile(
@@ -517,56 +531,55 @@ def test_training_a_model_holding_its_average_is_refused():
     held = values(model.trainable_variables)
     assert max_error(held, expected) < 1e-6
 
+    # Inside ema_weights, training is refused and nothing moves.
     x, y = make_data()
-    with pytest.raises(RuntimeError, match="averaged") as error:
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    assert "restore_raw_weights" in str(error.value)
-    with pytest.raises(RuntimeError, match="averaged"):
-        model.train_on_batch(x[:BATCH], y[:BATCH])
-    # Nothing moved.
+    with keras_ema.ema_weights(model):
+        with pytest.raises(RuntimeError, match="ema_weights"):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+        with pytest.raises(RuntimeError, match="ema_weights"):
+            model.train_on_batch(x[:BATCH], y[:BATCH])
     assert_bit_equal(values(model.trainable_variables), held)
     assert int(model.optimizer.iterations.numpy()) == STEPS
 
-    keras_ema.EMASwap.restore_raw_weights(model)
-    assert_bit_equal(values(model.trainable_variables), record.weights[-1])
-    fit(model, [record], epochs=1)  # plain fit, raw weights: allowed
+    # A plain fit starts from the raw weights, the average continuing.
+    first = RecordFirstBatch()
+    fit(model, [first, record], epochs=1)
+    assert_bit_equal(first.weights, record.weights[STEPS - 1])
     assert len(record.weights) == 2 * STEPS
     assert_bit_equal(values(model.trainable_variables), record.weights[-1])
     expected = reference_average(w0, record.weights)
     assert max_error(optimizer_average(model, "ema_optimizer"), expected) < 1e-6
 
+    # So does train_on_batch on a model left holding its average: it moves
+    # the raw weights as a twin without keras_ema moves them.
+    fit(model, [record, keras_ema.EMASwap()], epochs=1)
+    twin = keras.models.clone_model(model)
+    twin.set_weights(record.weights[-1])
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    model.train_on_batch(x[:BATCH], y[:BATCH])
+    twin.train_on_batch(x[:BATCH], y[:BATCH])
+    assert max_error(values(model.trainable_variables), values(twin.weights)) < 1e-6
+    assert max_error(values(model.trainable_variables), record.weights[-1]) > 1e-4
+
 
 @pytest.mark.parametrize("source", ["ema_optimizer", "keras_use_ema", "installed"])
-def test_recompiled_model_holding_its_average_is_not_trained(source):
+@pytest.mark.parametrize("with_emaswap", [False, True])
+def test_recompiled_model_holding_its_average_resumes_from_raw(source, with_emaswap):
     """Recompiling (e.g. to lower the learning rate) while the model holds its
-    average must not open a way to train the average."""
+    average, then training: training starts from the raw weights."""
     model = make_model()
     swap_kwargs, _ = compile_with(model, source)
     record = RecordWeights()
     fit(model, [record, keras_ema.EMASwap(**swap_kwargs)], epochs=1)
-    held = values(model.trainable_variables)
+    assert max_error(values(model.trainable_variables), record.weights[-1]) > 1e-4
     model.compile(optimizer=model.optimizer, loss="mse")
-    x, y = make_data()
-    # EMAOptimizer's own guard answers with a ValueError, the train function
-    # guard with a RuntimeError: either way, refused.
-    with pytest.raises((RuntimeError, ValueError), match="averag"):
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    assert_bit_equal(values(model.trainable_variables), held)
-    keras_ema.EMASwap.restore_raw_weights(model)
-    assert_bit_equal(values(model.trainable_variables), record.weights[-1])
+    first = RecordFirstBatch()
+    callbacks = [first] + ([keras_ema.EMASwap()] if with_emaswap else [])
+    fit(model, callbacks, epochs=1)
+    assert_bit_equal(first.weights, record.weights[-1])
 
 
 # ------------------------------------------------------ 6. early stopping
-
-
-class RecordFirstBatch(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.weights = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.weights is None:
-            self.weights = values(self.model.trainable_variables)
 
 
 def test_early_stopping_keeps_the_average_and_the_raw_weights():

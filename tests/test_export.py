@@ -223,7 +223,7 @@ def test_export_while_model_holds_average(tmp_path):
     # The model still holds the average, and the raw weights kept aside are
     # the ones training left, bit for bit.
     assert max_error([np.asarray(model(x))], [averaged]) < 1e-5
-    assert keras_ema.model_average.ModelAverage.of(model).is_swapped
+    assert keras_ema.holder.WeightHolder.of(model).holds_average
     keras_ema.EMASwap.restore_raw_weights(model)
     assert_bit_identical(values(model.trainable_variables), raw)
 
@@ -333,7 +333,7 @@ def test_failed_export_leaves_nothing(tmp_path, ema_model, signature, weights):
     assert (tmp_path / "old" / "keep.txt").read_text() == "previous export"
     assert_bit_identical(values(model.variables), before)
     assert_bit_identical(values(model.optimizer.averager.shadows), shadows)
-    assert not keras_ema.model_average.ModelAverage.of(model).is_swapped
+    assert not keras_ema.holder.WeightHolder.of(model).holds_average
     state = values(model.optimizer.variables)
     model.train_on_batch(x[:BATCH], np.zeros((BATCH, 1), "float32"))
     # Training moved the weights and the average; restore them for the other
@@ -364,7 +364,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, ema_model):
         )
     assert listing(tmp_path) == []
     assert_bit_identical(values(model.variables), before)
-    assert not keras_ema.model_average.ModelAverage.of(model).is_swapped
+    assert not keras_ema.holder.WeightHolder.of(model).holds_average
 
 
 def test_failed_export_of_swapped_model_keeps_average_in(tmp_path):
@@ -457,7 +457,13 @@ def test_mixed_precision_layers(tmp_path):
     served_ema, info = serve(tmp_path / "ema", x)
     served_raw, _ = serve(tmp_path / "raw", x)
     assert max_error([served_ema], [predict_with(model, expected, x)]) < 1e-2
-    assert max_error([served_raw], [predict_with(model, raw, x)]) < 1e-6
+    # The stored weights are exact (above); the forward pass computes in
+    # float16, where the SavedModel and eager Keras may take different
+    # kernels (oneDNN uses native float16 on CPUs that have it): allow a few
+    # units of float16 resolution at the outputs' scale.
+    reference_raw = predict_with(model, raw, x)
+    ulp = np.finfo(np.float16).eps * max(1.0, float(np.max(np.abs(reference_raw))))
+    assert max_error([served_raw], [reference_raw]) <= 4 * ulp
     assert max_error([served_ema], [served_raw]) > 2e-2
     assert info["average"]["step"] == STEPS
 

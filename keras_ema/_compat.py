@@ -1,0 +1,99 @@
+"""Every private Keras and TensorFlow name keras_ema uses, in one place.
+
+Each entry says why no public API does the job.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import keras
+import tensorflow as tf
+
+# Attributes of a Keras module or trackable that must not become checkpoint
+# dependencies (the averaged variables belong to the model, kept-aside raw
+# values are transient). TF has no public spelling of this decorator.
+no_automatic_dependency_tracking = (
+    tf.__internal__.tracking.no_automatic_dependency_tracking
+)
+
+# Runs a function in the cross-replica context from a replica context, or
+# calls it directly where there is no strategy. TF's public
+# `ReplicaContext.merge_call` fails without a strategy.
+maybe_merge_call = tf.__internal__.distribute.interim.maybe_merge_call
+
+
+def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
+    """The `CallbackList` whose hook is calling `callback` now, if any.
+
+    Keras gives a callback no handle on the other callbacks of its `fit`,
+    yet EMASwap must run before the callbacks that read the logs it writes
+    and must know which EarlyStopping will restore weights. The list is the
+    `self` of a frame up the stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, keras.callbacks.CallbackList) and any(
+            c is callback for c in candidate.callbacks
+        ):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def in_legacy_h5_save() -> bool:
+    """Whether Keras is writing a legacy `.h5` file now.
+
+    Keras's legacy HDF5 saver sets this flag around the configs it writes
+    and exposes no public way to ask.
+    """
+    from keras.src.backend.common import global_state
+
+    return bool(global_state.get_global_attribute("use_legacy_config", False))
+
+
+def record_compiled_optimizer(model, optimizer) -> None:
+    """Makes `model.save` record `optimizer` as the compiled one.
+
+    Keras serialises the `compile()` arguments it kept, not
+    `model.optimizer`; there is no public way to change them after compile.
+    """
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is not None:
+        compile_config.config["optimizer"] = optimizer
+
+
+def keras_use_ema_pairs(optimizer) -> tuple[list, list]:
+    """The variables a Keras `use_ema=True` optimizer averages, and their
+    averages: Keras keeps both in private attributes."""
+    return (
+        list(optimizer._trainable_variables),
+        list(optimizer._model_variables_moving_average),
+    )
+
+
+def evaluate_on_fit_validation_data(model) -> dict:
+    """`model.evaluate` on the validation data of the running `fit`.
+
+    `fit` caches its validation iterator for the epoch behind a private
+    `evaluate` argument; reusing it saves asking for the data twice.
+    """
+    return model.evaluate(verbose=0, return_dict=True, _use_cached_eval_dataset=True)
+
+
+def flatten_layers(model) -> list:
+    """Every layer inside `model`, nested ones included (not `model`)."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def input_signature(model):
+    """The input signature `model.export` would use for `model`."""
+    try:
+        from keras.src.export.export_utils import get_input_signature
+    except ImportError:  # older Keras 3: the model's symbolic inputs
+        return [
+            keras.InputSpec(shape=tensor.shape, dtype=tensor.dtype)
+            for tensor in model.inputs
+        ]
+    return get_input_signature(model)

@@ -1,0 +1,1 @@
+"""What only one backend has: one module per backend."""

@@ -1,0 +1,142 @@
+"""The TensorFlow side of the average's update: fused kernels, tf.distribute.
+
+`ShadowUpdater` applies `shadow <- shadow - rate * (shadow - w)` (or a copy)
+to every shadow, in the replica or cross-replica context of a
+`tf.distribute` strategy, with the fewest kernels per variable.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ema import _compat
+
+# Variables with at least this many elements are updated by one XLA-compiled
+# function when the step itself is not XLA-compiled (see `ShadowUpdater`).
+FUSE_MIN_SIZE = 1 << 20
+
+
+def tf_variable(variable) -> tf.Variable:
+    """The `tf.Variable` behind a Keras variable (or the variable itself)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def variable_key(variable) -> int:
+    """A key that identifies a variable, the same for all its replicas."""
+    variable = tf_variable(variable)
+    container = getattr(variable, "_distributed_container", None)
+    if container is not None:
+        variable = container()
+    return id(variable)
+
+
+def initial_value(variable):
+    """The variable's current value (a snapshot), or None if it has none yet."""
+    try:
+        # `tf.cast` would pass a variable of the same dtype through, aliasing
+        # the weight; `convert_to_tensor` reads a snapshot.
+        value = tf.convert_to_tensor(tf_variable(variable))
+    except (ValueError, TypeError, tf.errors.OpError):
+        return None
+    if value.shape != tuple(variable.shape):
+        return None
+    return value
+
+
+def shadow_update(shadow, weight, rate):
+    """`shadow -= rate * (shadow - weight)`, as one fused kernel.
+
+    `ResourceApplyGradientDescent` computes `var -= alpha * delta` in a single
+    pass over memory (and XLA lowers it to the same fused loop), which saves a
+    full read and write of a temporary against `assign_sub(rate * delta)`.
+    """
+    delta = shadow - tf.cast(weight, shadow.dtype)
+    return tf.raw_ops.ResourceApplyGradientDescent(
+        var=shadow.handle, alpha=rate, delta=delta
+    )
+
+
+def _shadow_copy(shadow, weight):
+    return shadow.assign(tf.cast(weight, shadow.dtype))
+
+
+def _size(variable) -> int:
+    return int(np.prod(variable.shape))
+
+
+def _fused_update_function(pairs):
+    """`shadow_update` for all `pairs`, compiled into one XLA cluster.
+
+    The function closes over the variables (rather than taking them as
+    arguments), so each average traces its own.
+    """
+
+    def update(rates):
+        for shadow, weight in pairs:
+            shadow_update(shadow, weight, rates[shadow.dtype.name])
+
+    return tf.function(update, jit_compile=True, autograph=False)
+
+
+class ShadowUpdater:
+    """Moves shadow variables towards the variables they shadow.
+
+    Args:
+        shadows: The shadow variables.
+        variables: The variables they shadow, aligned.
+    """
+
+    def __init__(self, shadows, variables):
+        self.strategy = tf.distribute.get_strategy()
+        self.pairs = list(zip(shadows, variables))
+        self.fused_pairs = [
+            (tf_variable(shadow), tf_variable(variable))
+            for shadow, variable in self.pairs
+            if _size(variable) >= FUSE_MIN_SIZE
+        ]
+        self._fused = (
+            _fused_update_function(self.fused_pairs) if self.fused_pairs else None
+        )
+        self._unfused = [p for p in self.pairs if _size(p[1]) < FUSE_MIN_SIZE]
+
+    def run(self, fn, *args):
+        """Calls `fn(agreed, *args)` in the cross-replica context.
+
+        `agreed(value)` turns a value that all replicas agree on (arriving as
+        `PerReplica` through a merge call) into a plain tensor.
+        """
+        strategy = self.strategy
+
+        def agreed(value):
+            return strategy.experimental_local_results(value)[0]
+
+        if tf.distribute.in_cross_replica_context():
+            return fn(agreed, *args)
+        return _compat.maybe_merge_call(lambda _: fn(agreed, *args), strategy)
+
+    def copy(self):
+        """Sets every shadow to its variable."""
+        self._for_each(_shadow_copy, self.pairs)
+
+    def move(self, rates):
+        """`shadow -= rates[dtype] * (shadow - w)` for every shadow."""
+        if tf.distribute.has_strategy() or self._fused is None:
+            self._for_each(shadow_update, self.pairs, rates)
+            return
+        # Outside XLA, TF runs `shadow - w` and the update as two kernels,
+        # twice the memory traffic of one fused loop; an inner XLA function
+        # fuses them. It pays off for large variables only: an XLA launch has
+        # a fixed cost per argument.
+        self._fused(rates)
+        self._for_each(shadow_update, self._unfused, rates)
+
+    def _for_each(self, fn, pairs, rates=None):
+        for shadow, variable in pairs:
+            args = (tf_variable(variable),)
+            if rates is not None:
+                args += (rates[shadow.dtype],)
+            self.strategy.extended.update(
+                tf_variable(shadow), fn, args=args, group=False
+            )

@@ -1,0 +1,439 @@
+"""The one owner, per model, of which weights the model holds.
+
+A compiled model holds either its raw weights (the ones it trains) or its
+average (put in to evaluate, save or export it). `WeightHolder.of(model)` is
+the only object that knows which, keeps the raw weights aside while the
+average is in, and remembers who put it there. `EMASwap`, `EMACheckpoint`,
+`ema_weights`, `export_saved_model`, the CLI and `PostHocEMA` are its
+clients; none of them keeps swap state of its own.
+
+Anything else may write the weights at any time (`set_weights`,
+`load_weights`, `EarlyStopping(restore_best_weights=True)`, an assignment):
+the holder keeps a digest of what it put in, and when the model no longer
+holds that, the weights there are the user's and win. The kept raw weights
+are then dropped, never swapped back over the user's, and the model is no
+longer said to hold its average.
+
+Looking up the average only looks (`find_source`); what training needs is
+built in one step, `prepare_for_training`, which runs at the start of every
+`fit` and `train_on_batch` of a model with a holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import keras
+
+from keras_ema import _compat
+from keras_ema.optimizer import EMAOptimizer
+from keras_ema.swap import ExactSwap, weights_digest
+
+# Who put the average into the model (`WeightHolder.held_by`).
+HELD_BY_EMASWAP = "EMASwap"
+HELD_BY_END_OF_FIT = "EMASwap at the end of fit"
+HELD_BY_CONTEXT = "keras_ema.ema_weights"
+HELD_BY_FILE = "the file the model was loaded from"
+HELD_BY_EARLY_STOPPING = "EarlyStopping(restore_best_weights=True) with EMASwap"
+
+NO_AVERAGE = (
+    "The model keeps no moving average of its weights, or has not trained "
+    "yet. Compile it with `keras_ema.EMAOptimizer(optimizer, decay=...)` or a "
+    "Keras optimizer with `use_ema=True`, or train it with "
+    "`callbacks=[keras_ema.EMASwap(decay=...)]`."
+)
+CUSTOM_COMPILE_HINT = (
+    " This model's class overrides `compile()` without "
+    "`compile_from_config()` (keras-hub tasks do), so "
+    "`keras.models.load_model` does not restore its optimizer, nor the "
+    "average in it: compile it with the EMAOptimizer again and call "
+    "`model.load_weights(path)` with the same file to restore the average."
+)
+TRAINING_IN_CONTEXT = (
+    "Training inside `keras_ema.ema_weights(model)` would train the averaged "
+    "weights the block holds. Train after the block: the raw weights are "
+    "back at its end."
+)
+
+
+def optimizer_chain(optimizer) -> list:
+    """The optimizer and the optimizers it wraps, outermost first."""
+    chain = []
+    while optimizer is not None:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return chain
+
+
+def ema_optimizer_of(model) -> EMAOptimizer | None:
+    """The `EMAOptimizer` in the model's optimizer chain, built or not."""
+    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
+        if isinstance(candidate, EMAOptimizer):
+            return candidate
+    return None
+
+
+class AverageSource:
+    """Where a model's average lives.
+
+    Args:
+        kind: `"keras_ema"` (an `EMAOptimizer`) or `"keras_use_ema"` (a Keras
+            optimizer with `use_ema=True`).
+        optimizer: The optimizer keeping the average.
+        variables: The model variables it averages.
+        shadows: Their averages, aligned.
+    """
+
+    def __init__(self, kind: str, optimizer, variables: Sequence, shadows: Sequence):
+        self.kind = kind
+        self.optimizer = optimizer
+        self.variables = list(variables)
+        self.shadows = list(shadows)
+
+    @property
+    def step(self) -> int:
+        """The optimizer step the average is at."""
+        if self.kind == "keras_ema":
+            return int(keras.ops.convert_to_numpy(self.optimizer.averager.step))
+        return int(keras.ops.convert_to_numpy(self.optimizer.iterations))
+
+    def current_decay(self) -> float:
+        """The per-step decay the average used at its latest step."""
+        if self.kind == "keras_ema":
+            return float(self.optimizer.averager.current_decay())
+        return 0.0 if self.step <= 1 else float(self.optimizer.ema_momentum)
+
+    def describe(self) -> str:
+        """How the user configured it, e.g. `EMAOptimizer(decay=0.999)`."""
+        if self.kind == "keras_ema":
+            decay = self.optimizer.averager.schedule
+            return f"keras_ema.EMAOptimizer(decay={_decay_text(decay)})"
+        return (
+            f"{type(self.optimizer).__name__}(use_ema=True, "
+            f"ema_momentum={self.optimizer.ema_momentum})"
+        )
+
+    def metadata(self) -> dict:
+        """A JSON-able description: configuration, step, current decay."""
+        if self.kind == "keras_ema":
+            config = self.optimizer.averager.get_config()
+            return {
+                "source": "keras_ema.EMAOptimizer",
+                **{key: config[key] for key in _CONFIG_KEYS},
+                "step": self.step,
+                "current_decay": self.current_decay(),
+            }
+        return {
+            "source": "keras use_ema",
+            "decay": float(self.optimizer.ema_momentum),
+            "step": self.step,
+            "current_decay": self.current_decay(),
+        }
+
+
+_CONFIG_KEYS = ("decay", "update_every", "start_step", "init", "shadow_dtype")
+
+
+def _decay_text(schedule) -> str:
+    config = schedule.get_config()
+    if type(schedule).__name__ == "Constant":
+        return repr(config["decay"])
+    arguments = ", ".join(f"{k}={v!r}" for k, v in config.items() if v is not None)
+    return f"{type(schedule).__name__}({arguments})"
+
+
+def find_source(model) -> AverageSource | None:
+    """The model's average, or None if it keeps none (yet).
+
+    Only looks: it builds nothing, except to finish a load that arrived
+    before the optimizer was built (`load_weights` right after `compile`),
+    which needs the model's variables.
+    """
+    optimizer = ema_optimizer_of(model)
+    if optimizer is not None:
+        if optimizer.has_pending_load:
+            _finish_load(model, optimizer)
+        if not optimizer.built:
+            return None
+        return AverageSource(
+            "keras_ema",
+            optimizer,
+            optimizer.averaged_variables,
+            optimizer.shadow_variables,
+        )
+    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
+        if getattr(candidate, "use_ema", False) and getattr(candidate, "built", False):
+            variables, shadows = _compat.keras_use_ema_pairs(candidate)
+            return AverageSource("keras_use_ema", candidate, variables, shadows)
+    return None
+
+
+def _finish_load(model, optimizer):
+    if not (model.built and model.trainable_variables):
+        return
+    with model.distribute_strategy.scope():
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        if optimizer.needs_non_trainable:
+            optimizer.track_non_trainable(model.non_trainable_variables)
+
+
+class WeightHolder:
+    """Which weights a model holds, raw or average; one per model.
+
+    Use `WeightHolder.of(model)`. While the average is in, the holder keeps
+    the raw weights aside (exactly: as tensors, assigned back), the digest of
+    what it put in, and who asked for it (`held_by`).
+
+    Args:
+        model: The Keras model.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.held_by = None
+        self.emaswap_in_fit = False
+        self._swap = None
+        self._source = None
+        self._digest = None
+
+    @classmethod
+    def of(cls, model: keras.Model) -> WeightHolder:
+        """The model's holder (made at the first call, kept on the model)."""
+        holder = model.__dict__.get("_keras_ema_holder")
+        if holder is None:
+            holder = cls(model)
+            # Plain attributes, outside Keras's and TF's tracking: the holder
+            # is no part of the model's saved state and dies with the model.
+            object.__setattr__(model, "_keras_ema_holder", holder)
+            _TrainingGuard.install(model, holder)
+        return holder
+
+    # -------------------------------------------------------------- looking
+
+    def source(self) -> AverageSource | None:
+        """The model's average (see `find_source`)."""
+        return find_source(self.model)
+
+    def require_source(self) -> AverageSource:
+        """The model's average; a ValueError saying what to do if none."""
+        source = self.source()
+        if source is None:
+            hint = CUSTOM_COMPILE_HINT if _compile_is_custom(self.model) else ""
+            raise ValueError(NO_AVERAGE + hint)
+        return source
+
+    @property
+    def holds_average(self) -> bool:
+        """Whether the model holds its average now (checked, not assumed)."""
+        self.reconcile()
+        return self._swap is not None
+
+    def raw_values(self) -> list:
+        """The raw values of the averaged variables, wherever they are now."""
+        self.reconcile()
+        if self._swap is not None:
+            return list(self._swap.raw_values)
+        return [v.value for v in self.require_source().variables]
+
+    def reconcile(self) -> None:
+        """Brings the record up to date with what the model holds.
+
+        Takes over the raw weights of a file the model was loaded from while
+        it held its average, and notices weights written by anyone else while
+        the average is in: those win, and the kept raw weights are dropped.
+        """
+        source = self.source()
+        if source is not None and source.kind == "keras_ema":
+            loaded = source.optimizer.take_loaded_hold()
+            if loaded is not None:
+                raw, digest = loaded
+                swap = ExactSwap(source.variables, "the loaded average")
+                swap.keep_aside(raw)
+                self._record(source, swap, HELD_BY_FILE, digest)
+        if self._swap is not None and (
+            weights_digest(self._swap.variables) != self._digest
+        ):
+            self._clear()
+
+    # ------------------------------------------------------------- swapping
+
+    def swap_in(self, held_by: str) -> bool:
+        """Puts the average in, the raw weights aside.
+
+        Returns False (and changes nothing) if the model holds its average
+        already.
+        """
+        self.reconcile()
+        if self._swap is not None:
+            return False
+        source = self.require_source()
+        swap = ExactSwap(source.variables, "the average")
+        swap.swap_in(source.shadows)
+        self._record(source, swap, held_by)
+        return True
+
+    def swap_out(self) -> bool:
+        """Puts the raw weights back, bit for bit.
+
+        Returns False (and changes nothing) if the model holds no average:
+        its weights are the raw ones, including weights the user wrote over
+        the average.
+        """
+        self.reconcile()
+        if self._swap is None:
+            return False
+        self._swap.swap_out()
+        self._clear()
+        return True
+
+    def hold_snapshot(self, values: Sequence) -> None:
+        """Holds `values`, an earlier state of the average, as the average.
+
+        `values` are aligned with `model.weights` (as `get_weights` returns
+        them). The raw weights stay aside; the next training resumes from
+        them, with the average continuing from its latest state. For
+        `EarlyStopping(restore_best_weights=True)`, whose best weights were
+        the average's.
+        """
+        self.swap_in(HELD_BY_EARLY_STOPPING)
+        index = {id(v): i for i, v in enumerate(self.model.weights)}
+        for variable in self._swap.variables:
+            variable.assign(values[index[id(variable)]])
+        self._record(self._source, self._swap, HELD_BY_EARLY_STOPPING)
+
+    @contextlib.contextmanager
+    def holding_average(self, held_by: str) -> Iterator[None]:
+        """Context manager: the average inside; afterwards, what was before."""
+        swapped = self.swap_in(held_by)
+        previous, self.held_by = self.held_by, held_by
+        try:
+            yield
+        finally:
+            if swapped:
+                self.swap_out()
+            elif self._swap is not None:
+                self.held_by = previous
+
+    @contextlib.contextmanager
+    def holding_raw(self) -> Iterator[None]:
+        """Context manager: the raw weights inside; afterwards, what was before.
+
+        Whatever the model held (the average, or an earlier state of it)
+        comes back bit for bit.
+        """
+        self.reconcile()
+        if self._swap is None:
+            yield
+            return
+        held = ExactSwap(self._swap.variables, "the held average")
+        held.swap_in(self._swap.raw_values)
+        try:
+            yield
+        finally:
+            held.swap_out()
+
+    # ------------------------------------------------------------- training
+
+    def prepare_for_training(self) -> bool:
+        """Makes the model ready to train; returns whether to retrace.
+
+        Training always starts from the raw weights: an average held since
+        the end of a fit, an epoch or a load is swapped out (inside an
+        `ema_weights` block, training is refused). An `EMAOptimizer` that
+        averages non-trainable variables gets them here, once the model has
+        them; a train function traced before that must be traced again.
+        """
+        self.reconcile()
+        if self._swap is not None:
+            if self.held_by == HELD_BY_CONTEXT:
+                raise RuntimeError(TRAINING_IN_CONTEXT)
+            self.swap_out()
+        optimizer = ema_optimizer_of(self.model)
+        if (
+            optimizer is None
+            or not optimizer.needs_non_trainable
+            or not self.model.built
+        ):
+            return False
+        with self.model.distribute_strategy.scope():
+            optimizer.track_non_trainable(self.model.non_trainable_variables)
+        return self.model.train_function is not None
+
+    # ---------------------------------------------------------------- saving
+
+    def hold_to_save(self, optimizer) -> tuple[list, bytes] | None:
+        """`(raw values, digest)` if `optimizer`'s average is in the model.
+
+        `EMAOptimizer.save_own_variables` saves them, so that a file saved
+        while the model holds its average keeps the raw weights too.
+        """
+        self.reconcile()
+        if self._swap is None or self._source.optimizer is not optimizer:
+            return None
+        return list(self._swap.raw_values), self._digest
+
+    # -------------------------------------------------------------- private
+
+    def _record(self, source, swap, held_by, digest=None):
+        self._source = source
+        self._swap = swap
+        self.held_by = held_by
+        self._digest = digest or weights_digest(swap.variables)
+        if source.kind == "keras_ema":
+            source.optimizer.set_holder(self)
+
+    def _clear(self):
+        self._source = self._swap = self._digest = self.held_by = None
+
+
+class _TrainingGuard:
+    """Stands in for a model's `make_train_function`.
+
+    `fit` and `train_on_batch` call `model.make_train_function()` before
+    training, recompiled or not; this is where the holder makes sure
+    training starts from the raw weights. It is the only hook Keras runs at
+    the start of every training call without a callback.
+    """
+
+    def __init__(self, holder, make_train_function):
+        self.holder = holder
+        self.make_train_function = make_train_function
+
+    @classmethod
+    def install(cls, model, holder):
+        original = type(model).make_train_function.__get__(model)
+        object.__setattr__(model, "make_train_function", cls(holder, original))
+
+    def __call__(self, force=False):
+        retrace = self.holder.prepare_for_training()
+        return self.make_train_function(force=force or retrace)
+
+
+def _compile_is_custom(model) -> bool:
+    cls = type(model)
+    return (
+        cls.compile is not keras.Model.compile
+        and cls.compile_from_config is keras.Model.compile_from_config
+    )
+
+
+def install_average(model, **average_config) -> EMAOptimizer:
+    """Wraps the model's optimizer in an `EMAOptimizer` (for `EMASwap(decay)`).
+
+    The train function is rebuilt so that the average's update runs inside
+    the compiled train step, and the compile config records the wrapper so
+    that `model.save` keeps it.
+    """
+    inner = getattr(model, "optimizer", None)
+    if inner is None:
+        raise ValueError("Compile the model before training it with EMASwap.")
+    with model.distribute_strategy.scope():
+        optimizer = EMAOptimizer(inner, **average_config)
+        if inner.built:
+            optimizer.build(model.trainable_variables)
+    model.optimizer = optimizer
+    _compat.record_compiled_optimizer(model, optimizer)
+    model.make_train_function(force=True)
+    return optimizer

@@ -1,0 +1,233 @@
+"""How `EMAOptimizer` saves and loads its averages in Keras files.
+
+Each average is saved under its variables' paths relative to the model
+(`step`, `average:<path>`, and for averaged non-trainable variables
+`non_trainable_step`, `non_trainable_average:<path>`), so that it loads into
+the right variables whatever the model's name or build order. A file saved
+while the model held its average also keeps the raw weights (`raw:<path>`,
+`non_trainable_raw:<path>`) and the digest of the weights the model held
+(`held_digest`), so that nothing is lost and the loaded model knows it
+holds its average.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+TRAINABLE = ""
+NON_TRAINABLE = "non_trainable"
+DIGEST_KEY = "held_digest"
+
+
+def store_key(prefix: str, kind: str, path: str | None = None) -> str:
+    """The key of an entry; HDF5 would read '/' in a key as nested groups."""
+    key = f"{prefix}_{kind}" if prefix else kind
+    return key if path is None else f"{key}:" + path.replace("/", "|")
+
+
+def save_average(averager, store, prefix: str, raw_values=None) -> None:
+    """Writes `averager`'s step and shadows (and `raw_values`, if given)."""
+    store[store_key(prefix, "step")] = averager.step.numpy()
+    paths = list(averager.shadows_by_path)
+    for path, shadow in zip(paths, averager.shadows):
+        store[store_key(prefix, "average", path)] = shadow.numpy()
+    if raw_values is not None:
+        for path, raw in zip(paths, raw_values):
+            store[store_key(prefix, "raw", path)] = np.asarray(raw)
+
+
+def split_store(store) -> tuple[dict, dict, bytes | None]:
+    """`(trainable entries, non-trainable entries, held digest)` of a store."""
+    entries = {key: np.asarray(store[key]) for key in store.keys()}
+    digest = entries.pop(DIGEST_KEY, None)
+    non_trainable = {
+        key: value for key, value in entries.items() if key.startswith(NON_TRAINABLE)
+    }
+    trainable = {
+        key: value for key, value in entries.items() if key not in non_trainable
+    }
+    return trainable, non_trainable, None if digest is None else digest.tobytes()
+
+
+def digest_entry(digest: bytes) -> np.ndarray:
+    return np.frombuffer(digest, dtype=np.uint8).copy()
+
+
+def load_average(averager, values: dict, prefix: str, name: str):
+    """Loads entries written by `save_average` into `averager`.
+
+    Returns the raw values saved with it (aligned with its variables), or
+    None if the file was saved while the model held its raw weights.
+    """
+    paths = list(averager.shadows_by_path)
+    expected = {store_key(prefix, "step")}
+    expected |= {store_key(prefix, "average", p) for p in paths}
+    raw_keys = {store_key(prefix, "raw", p) for p in paths}
+    found = set(values)
+    has_raw = bool(found & raw_keys)
+    if has_raw:
+        expected |= raw_keys
+    if expected != found:
+        missing = sorted(expected - found)
+        unexpected = sorted(found - expected)
+        raise ValueError(
+            f"Cannot load the average of EMAOptimizer {name!r}: the saved "
+            "average does not match this model's variables. Missing from the "
+            f"file: {missing[:5]}; in the file but not in the model: "
+            f"{unexpected[:5]}."
+        )
+    averager.step.assign(values[store_key(prefix, "step")])
+    for path, shadow in zip(paths, averager.shadows):
+        shadow.assign(values[store_key(prefix, "average", path)])
+    if not has_raw:
+        return None
+    return [values[store_key(prefix, "raw", p)] for p in paths]
+
+
+LOADED_WHILE_HOLDING_AVERAGE = (
+    "This model was loaded from a file saved while it held its averaged "
+    "weights (by EMASwap at the end of an epoch or of fit, EMACheckpoint, or "
+    "model.save inside keras_ema.ema_weights): it holds the average now, and "
+    "the file's raw weights wait in its optimizer. To resume training from "
+    "the raw weights, pass `callbacks=[keras_ema.EMASwap()]` to `fit`, or "
+    "call `keras_ema.EMASwap.restore_raw_weights(model)` first (if you wrote "
+    "other weights into the model since loading, it keeps yours)."
+)
+
+
+class AverageSaving:
+    """The part of `EMAOptimizer` that saves and loads its averages.
+
+    Loading works before the optimizer is built (`compile` then
+    `load_weights`, as keras-tuner does): the entries wait until `build`
+    gives them their variables. The raw weights of a file saved while the
+    model held its average wait for the model's `WeightHolder`
+    (`take_loaded_hold`); until it takes them, training refuses to start from
+    the averaged weights.
+    """
+
+    def _init_saving(self):
+        self._set_untracked(
+            _pending_store=None,
+            _pending_non_trainable=None,
+            _loaded_hold=None,
+            _holder_ref=None,
+        )
+
+    @property
+    def has_pending_load(self) -> bool:
+        """Whether loaded entries wait for the optimizer's variables."""
+        return self._pending_store is not None or (
+            self._pending_non_trainable is not None
+        )
+
+    def set_holder(self, holder) -> None:
+        """Tells the optimizer which `WeightHolder` holds its average in."""
+        self._set_untracked(_holder_ref=weakref.ref(holder))
+
+    def take_loaded_hold(self) -> tuple[list, bytes] | None:
+        """`(raw values, digest)` of a loaded file saved holding the average.
+
+        The raw values are aligned with `averaged_variables`; the digest is
+        of the weights the model held when saved. Returns None if there is
+        none (or not yet every average is built); taking clears it.
+        """
+        hold = self._loaded_hold
+        if hold is None or self._pending_non_trainable is not None:
+            return None
+        self._set_untracked(_loaded_hold=None)
+        raw, raw_non_trainable, digest = hold
+        return raw + (raw_non_trainable or []), digest
+
+    def _check_not_holding_loaded_average(self):
+        if self._loaded_hold is not None:
+            raise RuntimeError(LOADED_WHILE_HOLDING_AVERAGE)
+
+    def save_own_variables(self, store):
+        # The wrapped optimizer saves its own state (Keras walks into it).
+        if self._pending_store is not None:
+            trainable, non_trainable, digest = self._pending_store
+            for key, value in {**trainable, **non_trainable}.items():
+                store[key] = value
+            if digest is not None:
+                store[DIGEST_KEY] = digest_entry(digest)
+            return
+        if not self.built:
+            return  # nothing to save before the first step, as Keras
+        hold = self._hold_to_save()
+        raw, digest = hold if hold is not None else (None, None)
+        count = len(self.averager.shadows)
+        save_average(self.averager, store, TRAINABLE, raw and raw[:count])
+        non_trainable = self.non_trainable_averager
+        if non_trainable is not None and non_trainable.built:
+            save_average(non_trainable, store, NON_TRAINABLE, raw and raw[count:])
+        if digest is not None:
+            store[DIGEST_KEY] = digest_entry(digest)
+
+    def _hold_to_save(self):
+        holder = self._holder_ref() if self._holder_ref is not None else None
+        hold = holder.hold_to_save(self) if holder is not None else None
+        if hold is None and self._loaded_hold is not None:
+            raw, raw_non_trainable, digest = self._loaded_hold
+            hold = (raw + (raw_non_trainable or []), digest)
+        return hold
+
+    def load_own_variables(self, store):
+        found = set(store.keys())
+        if found and all(key.isdigit() for key in found):
+            raise ValueError(
+                f"Cannot load the average of EMAOptimizer {self.name!r}: the "
+                f"file's optimizer state ({len(found)} numbered variables) was "
+                "saved without a keras_ema average. To start an average from "
+                "those weights, load them into the model compiled with the "
+                "plain optimizer, then train with "
+                "`keras_ema.EMASwap(decay=...)` or recompile with EMAOptimizer."
+            )
+        entries = split_store(store)
+        if not found:
+            return  # saved before its first step: nothing to restore
+        if not self.built:
+            self._set_untracked(_pending_store=entries)
+            return
+        self._load_entries(*entries)
+
+    def _load_entries(self, trainable, non_trainable, digest):
+        averager = self.non_trainable_averager
+        if averager is None and non_trainable:
+            raise ValueError(
+                f"The file averages non-trainable variables, but EMAOptimizer "
+                f"{self.name!r} has non_trainable='live'."
+            )
+        if averager is not None and not non_trainable:
+            raise ValueError(
+                f"EMAOptimizer {self.name!r} has non_trainable='average', but "
+                "the file holds no average of non-trainable variables."
+            )
+        raw = load_average(self.averager, trainable, TRAINABLE, self.name)
+        raw_non_trainable = None
+        if averager is not None:
+            if averager.built:
+                raw_non_trainable = load_average(
+                    averager, non_trainable, NON_TRAINABLE, self.name
+                )
+            else:
+                # The model's non-trainable variables are not known yet.
+                self._set_untracked(_pending_non_trainable=non_trainable)
+        self._set_untracked(
+            _pending_store=None,
+            _loaded_hold=None if raw is None else (raw, raw_non_trainable, digest),
+        )
+
+    def _finish_non_trainable_load(self):
+        pending = self._pending_non_trainable
+        if pending is None:
+            return
+        raw = load_average(
+            self.non_trainable_averager, pending, NON_TRAINABLE, self.name
+        )
+        self._set_untracked(_pending_non_trainable=None)
+        if self._loaded_hold is not None:
+            trainable_raw, _, digest = self._loaded_hold
+            self._set_untracked(_loaded_hold=(trainable_raw, raw, digest))
