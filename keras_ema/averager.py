@@ -146,6 +146,7 @@ class ExponentialMovingAverage(tf.Module):
             _swap=None,
             _updater=None,
             _copy_first_step=False,
+            _capture_first_step=False,
         )
 
     @_compat.no_automatic_dependency_tracking
@@ -250,9 +251,12 @@ class ExponentialMovingAverage(tf.Module):
         index = self._index.get(variable_key(variable))
         if index is None:
             raise ValueError(
-                f"`variable` {variable_path(variable)!r} is not averaged by "
-                f"{self.name!r}. Averaged: "
-                f"{[variable_path(v) for v in self._averaged][:10]}..."
+                f"`variable` {variable_path(variable)!r} is not one of the "
+                f"{len(self._averaged)} variables the average {self.name!r} "
+                "was built on. An average belongs to the variables it was "
+                "built on, not to their names: a variable of another model "
+                "(a clone, a rebuilt or reloaded model) with the same path is "
+                "another variable; ask that model's optimizer."
             )
         return self._shadows[index]
 
@@ -320,6 +324,44 @@ class ExponentialMovingAverage(tf.Module):
                     f"on ({len(self._averaged)} variables), in the same order."
                 )
         self.update()
+
+    def reset(self) -> None:
+        """Starts the average again from the variables as they are now.
+
+        Every shadow is set to its variable's value and the step to 0, as
+        when the average is built. Call it outside a `tf.function` (or in the
+        cross-replica context of a strategy).
+        """
+        self._check_built("reset")
+        self._updater.run(lambda agreed: self._updater.copy())
+        self.step.assign(0)
+        self._set_untracked(_copy_first_step=False, _capture_first_step=False)
+
+    def capture_before_first_step(self) -> None:
+        """Starts the average from the initial weights of a traced first step.
+
+        For a train step whose trace creates the model's variables (a model
+        first built inside its train step) and builds this average: its
+        shadows could not read those variables' initial values, so by default
+        the first update copies the weights it is given. Called before the
+        optimizer's update in every trace until a step has been taken, this
+        adds a condition that copies the variables into the shadows while
+        the step is 0, so the average starts from the initial weights like
+        any other. Later traces leave it out.
+        """
+        self._check_built("capture_before_first_step")
+        if not (self._copy_first_step or self._capture_first_step):
+            return
+        with tf.init_scope():
+            started = int(self.step.numpy()) > 0
+        self._set_untracked(_copy_first_step=False, _capture_first_step=not started)
+        if started:
+            return
+
+        def capture(agreed):
+            tf.cond(tf.equal(self.step, 0), self._updater.copy, lambda: None)
+
+        self._updater.run(capture)
 
     def update(self, step=None, applied=None) -> None:
         """Updates the shadows for optimizer step `step`.

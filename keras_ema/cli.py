@@ -2,6 +2,11 @@
 
     keras-ema export CHECKPOINT.keras OUT_DIR [--weights ema|raw] [--overwrite]
     keras-ema inspect CHECKPOINT.keras
+    keras-ema posthoc DIRECTORY --sigma-rel S --out OUT_DIR
+
+`--custom-objects FILE.py` loads models that use custom layers, losses or
+other objects: the file is run first, and the classes and functions it
+defines are passed to Keras as custom objects.
 
 Exit codes: 0 on success, 2 for bad input (a missing file, a file that is not
 a Keras model, a model without an average, an existing output directory).
@@ -10,11 +15,18 @@ a Keras model, a model without an average, an existing output directory).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import os
+import re
 import sys
 import zipfile
 
 USAGE_ERROR = 2
+# How Keras says it met a class or function it does not know.
+_UNKNOWN_OBJECT = re.compile(
+    r"[Cc]ould not (?:locate|deserialize) (?:class |function )?'([^']+)'"
+)
 
 
 class CommandError(Exception):
@@ -57,15 +69,17 @@ def _parser():
     export.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it exists"
     )
+    _add_custom_objects(export)
     export.set_defaults(run=_export)
 
-    inspect = commands.add_parser(
+    inspector = commands.add_parser(
         "inspect",
         help="print a checkpoint's average: configuration, step, "
         "distance from the raw weights",
     )
-    inspect.add_argument("checkpoint", help="a .keras file")
-    inspect.set_defaults(run=_inspect)
+    inspector.add_argument("checkpoint", help="a .keras file")
+    _add_custom_objects(inspector)
+    inspector.set_defaults(run=_inspect)
 
     posthoc = commands.add_parser(
         "posthoc",
@@ -80,28 +94,84 @@ def _parser():
     posthoc.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it exists"
     )
+    _add_custom_objects(posthoc)
     posthoc.set_defaults(run=_posthoc)
     return parser
 
 
-def _load(path):
-    """Loads a .keras checkpoint whose optimizer keeps a keras_ema average."""
+def _add_custom_objects(command):
+    command.add_argument(
+        "--custom-objects",
+        metavar="FILE.py",
+        help="a Python file defining the model's custom layers, losses, ...",
+    )
+
+
+def _custom_objects(path):
+    """The classes and functions defined by the Python file `path`."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise CommandError(f"--custom-objects {path}: no such file")
+    spec = importlib.util.spec_from_file_location("keras_ema_custom_objects", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 (the user's code)
+        raise CommandError(
+            f"--custom-objects {path}: {type(error).__name__}: {error}"
+        ) from None
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", None) == module.__name__
+    }
+
+
+def _load_model(path, custom_objects_path, **kwargs):
+    """Loads a .keras file; one readable line on failure."""
     if not os.path.exists(path):
         raise CommandError(f"{path}: no such file")
     if os.path.isdir(path) or not zipfile.is_zipfile(path):
         raise CommandError(f"{path}: not a Keras model file (.keras)")
+    custom_objects = _custom_objects(custom_objects_path)
     import keras
 
     import keras_ema  # noqa: F401  (registers EMAOptimizer and the schedules)
-    from keras_ema.holder import WeightHolder
 
     try:
-        model = keras.models.load_model(path)
+        return keras.models.load_model(path, custom_objects=custom_objects, **kwargs)
     except Exception as error:  # noqa: BLE001 (Keras raises many kinds)
-        raise CommandError(f"{path}: not a loadable Keras model ({error})") from None
+        raise CommandError(f"{path}: {_load_failure(error)}") from None
+
+
+def _load_failure(error):
+    """What went wrong loading a model, in one line, without Keras's dump of
+    the whole model config."""
+    text = str(error)
+    unknown = _UNKNOWN_OBJECT.search(text)
+    if unknown:
+        return (
+            f"not a loadable Keras model: it uses {unknown[1]!r}, which Keras "
+            "does not know here. Pass the Python file that defines it: "
+            "--custom-objects FILE.py"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return f"not a loadable Keras model ({first})"
+
+
+def _load(path, custom_objects_path=None, require_average=True):
+    """Loads a .keras checkpoint and its holder; checks for a keras_ema
+    average if `require_average`."""
+    model = _load_model(path, custom_objects_path)
+    from keras_ema.holder import WeightHolder
+
     holder = WeightHolder.of(model)
     source = holder.source()
-    if source is None or source.kind != "keras_ema":
+    if require_average and (source is None or source.kind != "keras_ema"):
         raise CommandError(
             f"{path}: the model keeps no keras_ema average (its optimizer is "
             f"{type(getattr(model, 'optimizer', None)).__name__}); compile it with "
@@ -113,7 +183,9 @@ def _load(path):
 def _export(args):
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise CommandError(f"{args.out_dir} exists; pass --overwrite to replace it")
-    model, _ = _load(args.checkpoint)
+    model, _ = _load(
+        args.checkpoint, args.custom_objects, require_average=args.weights == "ema"
+    )
     from keras_ema.export import export_saved_model
 
     path = export_saved_model(
@@ -126,7 +198,7 @@ def _export(args):
 def _inspect(args):
     import numpy as np
 
-    model, holder = _load(args.checkpoint)
+    model, holder = _load(args.checkpoint, args.custom_objects)
     source = holder.source()
     averager = source.optimizer.averager
     metadata = source.metadata()
@@ -163,8 +235,6 @@ def _posthoc(args):
         raise CommandError(f"{args.out} exists; pass --overwrite to replace it")
     if not os.path.isdir(args.directory):
         raise CommandError(f"{args.directory}: no such directory")
-    import keras
-
     from keras_ema import posthoc
     from keras_ema.export import export_saved_model
 
@@ -173,8 +243,8 @@ def _posthoc(args):
         raise CommandError(
             f"{args.directory}: no {posthoc.MODEL_FILE}; not a PostHocEMA directory"
         )
+    model = _load_model(model_file, args.custom_objects, compile=False)
     try:
-        model = keras.models.load_model(model_file, compile=False)
         coefficients, error = posthoc.load_into(
             model, args.directory, args.sigma_rel, args.step
         )

@@ -22,6 +22,7 @@ built in one step, `prepare_for_training`, which runs at the start of every
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import keras
@@ -194,6 +195,7 @@ class WeightHolder:
         self.model = model
         self.held_by = None
         self.emaswap_in_fit = False
+        self._warned_custom_compile = False
         self._swap = None
         self._source = None
         self._digest = None
@@ -351,11 +353,14 @@ class WeightHolder:
                 raise RuntimeError(TRAINING_IN_CONTEXT)
             self.swap_out()
         optimizer = ema_optimizer_of(self.model)
-        if (
-            optimizer is None
-            or not optimizer.needs_non_trainable
-            or not self.model.built
-        ):
+        if optimizer is None:
+            return False
+        if optimizer.built and int(optimizer.averager.step.numpy()) == 0:
+            # Never updated: it starts from the weights training starts
+            # from, whatever was written since it was built.
+            for averager in optimizer.averagers:
+                averager.reset()
+        if not (optimizer.needs_non_trainable and self.model.built):
             return False
         with self.model.distribute_strategy.scope():
             optimizer.track_non_trainable(self.model.non_trainable_variables)
@@ -369,6 +374,14 @@ class WeightHolder:
         `EMAOptimizer.save_own_variables` saves them, so that a file saved
         while the model holds its average keeps the raw weights too.
         """
+        if _compile_is_custom(self.model) and not self._warned_custom_compile:
+            warnings.warn(
+                f"Saving a {type(self.model).__name__}: the file keeps the "
+                "average, but `keras.models.load_model` will not restore it."
+                + CUSTOM_COMPILE_HINT,
+                stacklevel=2,
+            )
+            self._warned_custom_compile = True
         self.reconcile()
         if self._swap is None or self._source.optimizer is not optimizer:
             return None

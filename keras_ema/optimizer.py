@@ -212,12 +212,12 @@ class EMAOptimizer(
     @property
     def averaged_variables(self) -> list:
         """The model variables averaged, trainable then non-trainable."""
-        return [v for a in self._own_averagers() for v in a.averaged_variables]
+        return [v for a in self.averagers for v in a.averaged_variables]
 
     @property
     def shadow_variables(self) -> list:
         """Their averages, aligned with `averaged_variables`."""
-        return [v for a in self._own_averagers() for v in a.shadows]
+        return [v for a in self.averagers for v in a.shadows]
 
     @property
     def needs_non_trainable(self) -> bool:
@@ -225,7 +225,9 @@ class EMAOptimizer(
         averager = self.non_trainable_averager
         return averager is not None and not averager.built
 
-    def _own_averagers(self):
+    @property
+    def averagers(self) -> list:
+        """Its own averages, built: trainable, then non-trainable."""
         averagers = [self.averager]
         if self.non_trainable_averager is not None:
             averagers.append(self.non_trainable_averager)
@@ -257,6 +259,9 @@ class EMAOptimizer(
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
+        # A model whose variables this trace created: the average takes their
+        # initial values before the first step changes them.
+        self.averager.capture_before_first_step()
         stepper = self._stepping_optimizer
         if not self._may_skip_steps():
             stepper.apply(grads, trainable_variables)

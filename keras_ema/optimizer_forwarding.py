@@ -32,16 +32,16 @@ CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue")
 
 
 def _forwarded(name):
-    def get(self):
+    def fget(self):
         target = self._configured_optimizer()
         return FORWARDED_DEFAULTS[name] if target is None else getattr(target, name)
 
-    def set(self, value):
+    def fset(self, value):
         self._set_forwarded(name, value)
 
     return property(
-        get,
-        set,
+        fget,
+        fset,
         doc=f"The wrapped optimizer's `{name}`; set it here or there alike.",
     )
 
@@ -83,17 +83,20 @@ class InnerOptimizerForwarding:
 
     @property
     def learning_rate(self):
+        """The wrapped optimizer's learning rate (schedules see its steps)."""
         return self.inner_optimizer.learning_rate
 
     @learning_rate.setter
-    def learning_rate(self, learning_rate):
+    def learning_rate(self, learning_rate) -> None:
         self.inner_optimizer.learning_rate = learning_rate
 
     @property
     def iterations(self):
+        """The wrapped optimizer's count of the updates it applied."""
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss):
+        """The wrapped optimizer scales the loss (a `LossScaleOptimizer`)."""
         return self.inner_optimizer.scale_loss(loss)
 
     def exclude_from_weight_decay(
@@ -266,7 +269,9 @@ def _check_like_keras(target, name, value):
             raise ValueError(
                 "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
                 f"be set; {type(target).__name__} {target.name!r} has "
-                f"{others}. Set {sorted(others)} to None first."
+                f"{others}. Set "
+                + ", ".join(f"`{other}`" for other in others)
+                + " to None first."
             )
     elif name == "gradient_accumulation_steps":
         if value and not value >= 2:

@@ -187,7 +187,12 @@ class AverageSaving:
             )
         entries = split_store(store)
         if not found:
-            return  # saved before its first step: nothing to restore
+            # Saved before its first step: the average starts from the
+            # weights loaded with it (Keras loads the model's first).
+            if self.built:
+                for averager in self.averagers:
+                    averager.reset()
+            return
         if not self.built:
             self._set_untracked(_pending_store=entries)
             return

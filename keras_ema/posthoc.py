@@ -248,31 +248,60 @@ class PostHocEMA(keras.callbacks.Callback):
                     averager.build(variables)
                     self.averagers.append(averager)
             self._resume(int(optimizer.iterations.numpy()))
+        step = int(optimizer.iterations.numpy())
+        if int(self.averagers[0].step.numpy()) != step:
+            raise ValueError(
+                self._missed_steps_message(list_snapshots(self.directory), step)
+            )
         for averager in self.averagers:
             optimizer.attach(averager)
         model.make_train_function(force=True)
         self._report_disk_use(variables)
 
     def _resume(self, step):
-        """Continues from the snapshots of `step` (the restored optimizer's)."""
-        snapshots = list_snapshots(self.directory)
+        """Continues from the snapshots of `step` (the model's optimizer's)."""
+        snapshots = [
+            s for s in list_snapshots(self.directory) if s[0] in self.sigma_rels
+        ]
         if step == 0:
-            stale = [s for s in snapshots if s[0] in self.sigma_rels]
+            stale = snapshots  # left by an earlier run: rewritten
+        elif not snapshots:
+            # A model that trained before: the averages start from its
+            # weights, counted as the average of the steps before.
+            for averager in self.averagers:
+                averager.step.assign(step)
+            self._last_snapshot = step
+            print(
+                f"PostHocEMA: the model trained {step} steps before this fit; "
+                "the post-hoc averages start from its current weights."
+            )
+            stale = []
         else:
-            stale = [s for s in snapshots if s[0] in self.sigma_rels and s[1] > step]
-            for sigma_rel, averager in zip(self.sigma_rels, self.averagers):
-                path = os.path.join(self.directory, snapshot_name(sigma_rel, step))
-                if not os.path.exists(path):
-                    raise ValueError(
-                        f"PostHocEMA: training resumes at step {step}, but "
-                        f"{path} does not exist; resume from a checkpoint taken "
-                        f"at a snapshot step (a multiple of every_n_steps="
-                        f"{self.every_n_steps})."
-                    )
+            at_step = [
+                os.path.join(self.directory, snapshot_name(sigma_rel, step))
+                for sigma_rel in self.sigma_rels
+            ]
+            if not all(os.path.exists(path) for path in at_step):
+                raise ValueError(self._missed_steps_message(snapshots, step))
+            for averager, path in zip(self.averagers, at_step):
                 _load_snapshot(averager, _read_snapshot(path))
+            stale = [s for s in snapshots if s[1] > step]
             self._last_snapshot = step
         for _, _, path in stale:
             os.remove(path)
+
+    def _missed_steps_message(self, snapshots, step):
+        last = max(s[1] for s in snapshots)
+        return (
+            f"PostHocEMA: the snapshots in {self.directory!r} end at step "
+            f"{last}, but the model is at step {step}, so the post-hoc "
+            "averages cannot continue: the model trained without this "
+            "callback in between, or was restored from a checkpoint taken "
+            "between snapshots. Pass the same PostHocEMA callback to every fit "
+            "of the run, resume from a checkpoint taken at a snapshot step (a "
+            f"multiple of every_n_steps={self.every_n_steps}), or record into a "
+            "new directory."
+        )
 
     def _report_disk_use(self, variables):
         per_snapshot = sum(int(np.prod(v.shape)) for v in variables)

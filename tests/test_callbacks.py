@@ -441,16 +441,15 @@ def seeded_layers():
 
 @pytest.mark.parametrize("source", ["ema_optimizer", "keras_use_ema", "installed"])
 def test_model_built_by_fit(source):
-    """A model without an Input (as every subclassed model is) is built by
-    fit's first step, after on_train_begin. EMASwap must still work. Its
-    weights have no value before that step, so the average starts from the
-    weights after it, as with init="first_step" (documented)."""
+    """A model without an Input is built by fit's first step, after
+    on_train_begin. EMASwap must still work, and the average starts from the
+    initial weights as for any model (Keras's use_ema copies the weights at
+    its first step, as always)."""
     twin = keras.Sequential([keras.Input((6,)), *seeded_layers()])
     w0 = values(twin.trainable_variables)
     model = keras.Sequential(seeded_layers())
     assert not model.built
-    swap_kwargs, _ = compile_with(model, source)
-    init = "first_step"
+    swap_kwargs, init = compile_with(model, source)
     record = RecordWeights()
     history = fit(model, [record, keras_ema.EMASwap(**swap_kwargs)], epochs=2)
     xv, yv = validation_data()

@@ -342,7 +342,7 @@ def test_apply_unbuilt_without_variables_and_average_of_unknown():
         optimizer.apply([tf.zeros(3)])
     model = make_model()
     optimizer.build(model.trainable_variables)
-    with pytest.raises(ValueError, match="not averaged"):
+    with pytest.raises(ValueError, match="not one of the"):
         optimizer.average(keras.Variable(np.zeros(3, "float32")))
 
 

@@ -215,19 +215,22 @@ def test_write_after_build_takes_effect_at_next_trace_like_unwrapped():
     """Keras reads clipping and weight decay when it traces the train step:
     a write after training started reaches the inner optimizer and takes
     effect once the step is traced again, as with the unwrapped one."""
-    results = []
-    for wrap in (False, True):
+    results = {}
+    for run in ("unwrapped", "wrapped", "never_clipped"):
         inner = keras.optimizers.SGD(0.1)
-        optimizer = keras_ema.EMAOptimizer(inner, decay=0.9) if wrap else inner
+        wrapped = run != "unwrapped"
+        optimizer = keras_ema.EMAOptimizer(inner, decay=0.9) if wrapped else inner
         model = make_model(seed=3)
         model.compile(optimizer=optimizer, loss="mse")
         model.fit(X, Y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-        optimizer.clipnorm = 0.01
-        assert inner.clipnorm == 0.01
+        if run != "never_clipped":
+            optimizer.clipnorm = 0.01
+            assert inner.clipnorm == 0.01
         model.make_train_function(force=True)
         model.fit(X, Y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-        results.append(model.get_weights())
-    assert_same([results[1]], [results[0]])
+        results[run] = model.get_weights()
+    assert_same([results["wrapped"]], [results["unwrapped"]])
+    assert differ(results["wrapped"], results["never_clipped"])
 
 
 @pytest.mark.parametrize(
@@ -273,12 +276,20 @@ def test_weight_decay_variable_tracked_once():
 @pytest.mark.parametrize(
     "inner_kwargs,name,value,match",
     [
-        ({"clipvalue": 0.5}, "clipnorm", 1.0, "clipvalue"),
-        ({"clipnorm": 0.5}, "global_clipnorm", 1.0, "clipnorm"),
-        ({"global_clipnorm": 0.5}, "clipvalue", 1.0, "global_clipnorm"),
+        ({"clipvalue": 0.5}, "clipnorm", 1.0, "`clipvalue` to None"),
+        ({"clipnorm": 0.5}, "global_clipnorm", 1.0, "`clipnorm` to None"),
+        ({"global_clipnorm": 0.5}, "clipvalue", 1.0, "`global_clipnorm` to None"),
         ({}, "gradient_accumulation_steps", 1, ">= 2"),
         ({}, "ema_momentum", 1.5, r"\[0, 1\]"),
         ({}, "ema_overwrite_frequency", -1, ">= 1"),
+    ],
+    ids=[
+        "clipnorm_over_clipvalue",
+        "global_clipnorm_over_clipnorm",
+        "clipvalue_over_global_clipnorm",
+        "accumulation_1",
+        "ema_momentum_1.5",
+        "ema_overwrite_frequency_-1",
     ],
 )
 def test_bad_writes_refused(inner_kwargs, name, value, match):
@@ -308,6 +319,7 @@ def test_switching_clipping_kind():
         (lambda: keras.optimizers.SGD(0.1), "nesterov"),
         (lambda: keras.optimizers.Adafactor(), "clip_threshold"),
     ],
+    ids=["adam.beta_1", "sgd.momentum", "sgd.nesterov", "adafactor.clip_threshold"],
 )
 def test_inner_hyperparameter_set_on_wrapper_is_refused(make, name):
     """Set on the wrapper, the wrapped optimizer's own hyperparameters would
