@@ -22,6 +22,7 @@ from keras_ema.backend.tensorflow import (
     variable_key,
 )
 from keras_ema.swap import ExactSwap
+from keras_ema.update_rule import UpdateRule
 
 INITS = ("weights", "first_step")
 SHADOW_DTYPES = ("float32", "float64")
@@ -138,6 +139,7 @@ class ExponentialMovingAverage(tf.Module):
         self.start_step = int(start_step)
         self.init = init
         self.shadow_dtype = shadow_dtype
+        self._rule = UpdateRule(schedule, self.update_every, self.start_step, init)
         self.built = False
         self._set_untracked(
             _averaged=[],
@@ -271,12 +273,7 @@ class ExponentialMovingAverage(tf.Module):
             (t <= start_step, or t = 1 with `init="first_step"`), else the
             schedule's d(t - start_step).
         """
-        t = tf.cast(step, tf.int64)
-        s = t - self.start_step
-        copies = s <= 0
-        if self.init == "first_step" or self._copy_first_step:
-            copies = tf.logical_or(copies, tf.equal(t, 1))
-        return tf.where(copies, 0.0, self.schedule(tf.maximum(s, 1)))
+        return self._rule.decay_at(step, self._copy_first_step)
 
     def current_decay(self) -> tf.Tensor:
         """The per-step decay at the latest step (`decay_at(step)`)."""
@@ -384,29 +381,16 @@ class ExponentialMovingAverage(tf.Module):
         self._updater.run(self._update_cross_replica, step, applied)
 
     def _update_cross_replica(self, agreed, step, applied):
-        if step is None:
-            t = self.step + 1
-        else:
-            t = tf.cast(agreed(step), tf.int64)
-        s = t - self.start_step
-        k = self.update_every
+        t = self.step + 1 if step is None else tf.cast(agreed(step), tf.int64)
+        due, must_copy = self._rule.conditions(t, self._copy_first_step)
 
         def move():
-            self._updater.move(self._rates(s))
+            dtypes = {shadow.dtype for shadow in self._shadows}
+            self._updater.move(self._rule.rates(t, dtypes))
 
-        # One condition at most around the variables: every tf.cond that
-        # touches the shadows costs a pass over their handles even when it
-        # is not taken.
-        due = tf.equal(s % k, 0) if k > 1 else None
         body = move
-        copy_first_step = self.init == "first_step" or self._copy_first_step
-        if self.start_step > 0 or copy_first_step:
-            must_copy = s <= 0
-            if copy_first_step:
-                must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
+        if must_copy is not None:
             body = lambda: tf.cond(must_copy, self._updater.copy, move)  # noqa: E731
-            if due is not None:
-                due = tf.logical_or(due, must_copy)
         if applied is not None:
             applied = agreed(applied)
             due = applied if due is None else tf.logical_and(applied, due)
@@ -416,13 +400,6 @@ class ExponentialMovingAverage(tf.Module):
         else:
             tf.cond(due, body, lambda: None)
         self.step.assign(t)
-
-    def _rates(self, s):
-        """`1 - D` per shadow dtype, computed once, in float64."""
-        s = tf.maximum(s, self.update_every)
-        rate = 1.0 - self.schedule.decay_over(s, self.update_every, dtype="float64")
-        dtypes = {shadow.dtype for shadow in self._shadows}
-        return {dtype: tf.cast(rate, dtype) for dtype in dtypes}
 
     # ------------------------------------------------------------------- swap
 

@@ -9,8 +9,8 @@ from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 from keras_ema.optimizer_state import AverageSaving
+from keras_ema.optimizer_steps import InnerSteps
 
-LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 NON_TRAINABLE_MODES = ("live", "average")
 
 _BASE_OPTIMIZER_ARGS = (
@@ -29,7 +29,10 @@ _BASE_OPTIMIZER_ARGS = (
 
 @keras.saving.register_keras_serializable(package="keras_ema")
 class EMAOptimizer(
-    InnerOptimizerForwarding, AverageSaving, keras.optimizers.Optimizer
+    InnerOptimizerForwarding,
+    InnerSteps,
+    AverageSaving,
+    keras.optimizers.Optimizer,
 ):
     """Wraps an optimizer and keeps the moving average of the weights.
 
@@ -167,38 +170,6 @@ class EMAOptimizer(
             _attached=[a for a in self._attached if a is not averager]
         )
 
-    # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
-    # it, meaning "I own loss scaling now". If this optimizer wraps a
-    # LossScaleOptimizer too (EMAOptimizer(LossScaleOptimizer(opt)) compiled
-    # under mixed_float16), the inner one must then stop scaling, or the
-    # gradients would be unscaled twice. Keras skips `x.attr = value` when
-    # `x.attr is value` already, so the getter reports the inner scale.
-    @property
-    def loss_scale_factor(self):
-        """The loss scale of a wrapped `LossScaleOptimizer` still in charge."""
-        inner = getattr(self, "inner_optimizer", None)
-        outer = getattr(self, "_outer_loss_scaling", False)
-        if isinstance(inner, LossScaleOptimizer) and not outer:
-            return inner.dynamic_scale if inner.built else inner.initial_scale
-        return None
-
-    @loss_scale_factor.setter
-    def loss_scale_factor(self, value):
-        if value is not None:
-            raise ValueError(
-                "EMAOptimizer does not take `loss_scale_factor`; set it on the "
-                "`inner_optimizer`."
-            )
-        if isinstance(getattr(self, "inner_optimizer", None), LossScaleOptimizer):
-            self._outer_loss_scaling = True
-
-    @property
-    def _stepping_optimizer(self):
-        """The optimizer whose `apply` this one calls."""
-        if self._outer_loss_scaling:
-            return self.inner_optimizer.inner_optimizer
-        return self.inner_optimizer
-
     @_compat.no_automatic_dependency_tracking
     def build(self, var_list):
         # The wrapped optimizer may have trained before it was wrapped.
@@ -301,23 +272,6 @@ class EMAOptimizer(
         if self.averager.built:
             averager.step.assign(self.averager.step)
         self._finish_non_trainable_load()
-
-    def _may_skip_steps(self):
-        """Whether a call to the wrapped optimizer may apply no update.
-
-        A LossScaleOptimizer skips steps with non-finite gradients, and
-        gradient accumulation applies one update per several calls; other
-        optimizers update at every call, and then the average needs no
-        condition (which costs time with many variables).
-        """
-        optimizer = self._stepping_optimizer
-        while optimizer is not None:
-            if isinstance(optimizer, LossScaleOptimizer) or getattr(
-                optimizer, "gradient_accumulation_steps", None
-            ):
-                return True
-            optimizer = getattr(optimizer, "inner_optimizer", None)
-        return False
 
     def average(self, variable):
         """Returns the shadow variable holding the average of `variable`."""
