@@ -127,6 +127,11 @@ def export_saved_model(
     metadata = {
         "weights": weights,
         "average": source.metadata() if source is not None else {},
+        # Who put the served weights in, if the model held its average
+        # already (e.g. the best epoch's, kept by EarlyStopping).
+        "held_by": (
+            holder.held_by if weights == "ema" and holder.holds_average else None
+        ),
     }
     metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
 

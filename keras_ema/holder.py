@@ -203,6 +203,10 @@ class WeightHolder:
     @classmethod
     def of(cls, model: keras.Model) -> WeightHolder:
         """The model's holder (made at the first call, kept on the model)."""
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"`model` must be a keras.Model, got {type(model).__name__}."
+            )
         holder = model.__dict__.get("_keras_ema_holder")
         if holder is None:
             holder = cls(model)

@@ -49,10 +49,20 @@ class EMAOptimizer(
     count, and with `gradient_accumulation_steps` the average moves once per
     real update, not per micro-batch.
 
-    The wrapper forwards `learning_rate`, `iterations` and `scale_loss` to the
-    wrapped optimizer, so learning-rate schedules and callbacks such as
-    `ReduceLROnPlateau` keep working. It composes with `LossScaleOptimizer` in
-    either order, including the wrap `compile` adds under `mixed_float16`.
+    The wrapper forwards to the wrapped optimizer what configures its update:
+    `learning_rate` (so schedules and `ReduceLROnPlateau` keep working),
+    `iterations`, `scale_loss`, clipping, weight decay and
+    `exclude_from_weight_decay`, `use_ema` and gradient accumulation
+    settings (see `InnerOptimizerForwarding`); what it cannot forward it
+    refuses with an error. It composes with `LossScaleOptimizer` in either
+    order, including the wrap `compile` adds under `mixed_float16`.
+
+    Saved with the model (`.keras`, `.weights.h5`, `tf.train.Checkpoint`),
+    the average is keyed by its variables' paths; it also loads into an
+    optimizer not built yet (`compile` then `load_weights`), when the first
+    step or a keras_ema function builds it. A file saved while the model
+    held its average keeps the raw weights too. The legacy `.h5` format is
+    refused: its loader restores no optimizer state.
 
     The model always trains on, and after `fit` holds, the raw weights:
     `finalize_variable_values` does not copy the average into the model (and
@@ -70,6 +80,9 @@ class EMAOptimizer(
             (the first update copies the weights, as Keras's `use_ema=True`).
         shadow_dtype: `"float32"` or `"float64"`: the narrowest dtype a shadow
             is kept in (float16/bfloat16 weights get float32 shadows).
+        non_trainable: `"live"` (float non-trainable variables such as
+            BatchNorm statistics stay as training leaves them) or
+            `"average"` (they are averaged too; see `track_non_trainable`).
         name: Name of the optimizer.
 
     Example:

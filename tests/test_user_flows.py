@@ -143,7 +143,7 @@ def test_flow1_early_stopping_restores_and_serves_the_best_average(listed, tmp_p
     keras_ema.export_saved_model(model, tmp_path / "best")
     served, info = serve(tmp_path / "best", VALIDATION[0])
     assert max_error([served], [predict_with(model, held, VALIDATION[0])]) < 1e-6
-    assert info["weights"] == "ema"
+    assert info["weights"] == "ema" and "EarlyStopping" in info["held_by"]
 
     # Nothing is lost: the next fit resumes from the last raw weights, and
     # the average continues from its latest state.
