@@ -244,26 +244,33 @@ def test_transfer_learning_freeze_then_fine_tune_with_a_new_ema_optimizer():
     )
 
 
-def test_transfer_learning_recompile_with_the_same_ema_optimizer_fails_like_keras():
+@pytest.mark.parametrize("reuse", ["same_ema_optimizer", "new_wrapper_same_inner"])
+def test_transfer_learning_recompile_reusing_the_optimizer_fails_like_keras(reuse):
     """Keras's own optimizers refuse variables they were not built on
-    ("Unknown variable"); the same EMAOptimizer object, recompiled after
-    unfreezing, fails the same way, with Keras's message, and leaves the
-    model and the average intact: a new optimizer then resumes cleanly."""
+    ("Unknown variable"). Recompiled after unfreezing with the same
+    EMAOptimizer object, or with a new EMAOptimizer around the same (built)
+    wrapped optimizer, keras_ema fails the same way, with Keras's message,
+    at the first step, and leaves the model and the first average intact:
+    a new optimizer then resumes cleanly from the raw weights."""
     model, base = transfer_model()
     frozen = values(base.weights)
-    optimizer = ema_optimizer()
+    inner = keras.optimizers.SGD(0.05)
+    optimizer = ema_optimizer(inner)
     model.compile(optimizer=optimizer, loss="mse")
     record = RecordWeights()
     fit(model, [record, keras_ema.EMASwap()])
-    average = shadows(model)
+    average = values(optimizer.averager.shadows)
 
     base.trainable = True
-    model.compile(optimizer=optimizer, loss="mse")
+    again = optimizer if reuse == "same_ema_optimizer" else ema_optimizer(inner)
+    model.compile(optimizer=again, loss="mse")
     with pytest.raises(ValueError, match="Unknown variable.*new optimizer instance"):
         fit(model, [keras_ema.EMASwap()])
-    # Nothing moved: the failing trace ran no step.
-    assert_bit_equal(shadows(model), average)
-    assert averager_step(model) == STEPS
+    # Nothing moved: the failing trace ran no step, and the model holds the
+    # raw weights (EMASwap put them back before the failing step).
+    assert_bit_equal(values(optimizer.averager.shadows), average)
+    assert int(optimizer.averager.step.numpy()) == STEPS
+    assert_bit_equal(values(model.trainable_variables), frozen + record.weights[-1])
 
     # Plain Keras behaves the same.
     plain, plain_base = transfer_model()
@@ -275,11 +282,14 @@ def test_transfer_learning_recompile_with_the_same_ema_optimizer_fails_like_kera
     with pytest.raises(ValueError, match="Unknown variable"):
         fit(plain, validation=False)
 
-    # A new EMAOptimizer resumes from the raw weights of the first fit.
+    # A new EMAOptimizer (around a new optimizer) resumes from the raw weights.
     model.compile(optimizer=ema_optimizer(), loss="mse")
     first = RecordFirstBatch()
-    fit(model, [first, keras_ema.EMASwap(on_train_end="raw")])
+    tuned = RecordWeights()
+    fit(model, [first, tuned, keras_ema.EMASwap(on_train_end="raw")])
     assert_bit_equal(first.weights, frozen + record.weights[-1])
+    expected = reference_average(first.weights, tuned.weights, DECAY)
+    assert max_error(shadows(model), expected) < TOL
 
 
 # ------------------------------------------------ 2. steps_per_execution
@@ -309,17 +319,27 @@ def test_steps_per_execution_averages_every_step_inside_an_execution():
 # ------------------------------------------------------ 3. validation_freq
 
 
-def test_validation_freq_with_emaswap_evaluate_both():
+@pytest.mark.parametrize("source", ["validation_data", "validation_split"])
+def test_validation_freq_with_emaswap_evaluate_both(source):
     model = ema_model(metrics=["mae"])
     w0 = values(model.trainable_variables)
     record = RecordWeights()
     logs = RecordEpochLogs()
+    if source == "validation_data":
+        kwargs, validation, steps = {}, VALIDATION, STEPS
+    else:  # Keras validates on the last quarter and trains on the rest
+        kwargs = {"validation_split": 0.25}
+        validation = (TRAIN[0][24:], TRAIN[1][24:])
+        steps = 24 // BATCH
     history = fit(
         model,
         [record, logs, keras_ema.EMASwap(evaluate="both")],
         epochs=4,
         validation_freq=2,
+        validation=source == "validation_data",
+        **kwargs,
     )
+    assert len(record.weights) == 4 * steps
     assert len(history.history["val_loss"]) == 2
     for epoch, epoch_logs in enumerate(logs.logs):
         validated = epoch in (1, 3)
@@ -328,12 +348,13 @@ def test_validation_freq_with_emaswap_evaluate_both():
         assert epoch_logs["ema_decay"] == pytest.approx(DECAY)
         if not validated:
             continue
-        done = record.weights[: (epoch + 1) * STEPS]
+        done = record.weights[: (epoch + 1) * steps]
         average = reference_average(w0, done, DECAY)
         build = clone_of(model)
-        assert_val_logs_match(epoch_logs, score_with(build, average, metrics=["mae"]))
-        raw_scores = score_with(build, done[-1], metrics=["mae"])
-        assert_val_logs_match(epoch_logs, raw_scores, prefix="val_raw_")
+        scores = score_with(build, average, validation=validation, metrics=["mae"])
+        assert_val_logs_match(epoch_logs, scores)
+        raw = score_with(build, done[-1], validation=validation, metrics=["mae"])
+        assert_val_logs_match(epoch_logs, raw, prefix="val_raw_")
     assert max_error(shadows(model), reference_average(w0, record.weights, DECAY)) < TOL
 
 

@@ -407,6 +407,13 @@ class EMAStateMachine(RuleBasedStateMachine):
         self.ref.touched = False
         self.ref = self._loaded(name)
 
+    @rule(target=keras_files)
+    def save_and_load_model(self):
+        """Rule 7 in one step (the common case, so that it comes often)."""
+        name = self.save_model()
+        self.load_model(name)
+        return name
+
     @rule(name=st.one_of(keras_files, weights_files))
     def load_weights(self, name):
         """Rule 8: the same model object takes the file's state."""
