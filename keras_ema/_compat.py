@@ -73,6 +73,15 @@ def keras_use_ema_pairs(optimizer) -> tuple[list, list]:
     )
 
 
+def variables_built_for(optimizer) -> list:
+    """The variables a built Keras optimizer can update.
+
+    Keras keeps them in a private list and only checks them (with a message
+    about "this optimizer") when a step runs.
+    """
+    return list(getattr(optimizer, "_trainable_variables", []))
+
+
 def evaluate_on_fit_validation_data(model) -> dict:
     """`model.evaluate` on the validation data of the running `fit`.
 

@@ -186,8 +186,21 @@ class EMAOptimizer(
     @_compat.no_automatic_dependency_tracking
     def build(self, var_list):
         # The wrapped optimizer may have trained before it was wrapped.
-        if not self.inner_optimizer.built:
-            self.inner_optimizer.build(var_list)
+        inner = self.inner_optimizer
+        if not inner.built:
+            inner.build(var_list)
+        else:
+            known = {id(v) for v in _compat.variables_built_for(inner)}
+            unknown = [v.path for v in var_list if id(v) not in known]
+            if unknown:
+                raise ValueError(
+                    f"The wrapped {type(inner).__name__} {inner.name!r} was "
+                    "built for other variables (it trained before, on another "
+                    f"set of trainable variables) and cannot update {unknown[:3]}"
+                    f"{'...' if len(unknown) > 3 else ''}. Wrap a new optimizer, "
+                    f"e.g. keras_ema.EMAOptimizer(keras.optimizers."
+                    f"{type(inner).__name__}(...)), as after unfreezing layers."
+                )
         self.averager.build(var_list)
         super().build(var_list)
         if self._pending_store is not None:

@@ -235,7 +235,7 @@ def test_transfer_learning_freeze_then_fine_tune_with_a_new_ema_optimizer():
     assert max_error(
         [model.optimizer.average(base.kernel).numpy()], [expected[0]]
     ) < TOL
-    assert max_error(values(base.weights), frozen) > 1e-5  # the base trained
+    assert max_error(tuned.weights[-1][:2], frozen) > 1e-5  # the base trained
     assert_val_logs_match(logs.logs[-1], score_with(clone_of(model), expected))
     assert_val_logs_match(
         logs.logs[-1],
@@ -248,10 +248,11 @@ def test_transfer_learning_freeze_then_fine_tune_with_a_new_ema_optimizer():
 def test_transfer_learning_recompile_reusing_the_optimizer_fails_like_keras(reuse):
     """Keras's own optimizers refuse variables they were not built on
     ("Unknown variable"). Recompiled after unfreezing with the same
-    EMAOptimizer object, or with a new EMAOptimizer around the same (built)
-    wrapped optimizer, keras_ema fails the same way, with Keras's message,
-    at the first step, and leaves the model and the first average intact:
-    a new optimizer then resumes cleanly from the raw weights."""
+    EMAOptimizer object, keras_ema fails the same way, with Keras's message;
+    with a new EMAOptimizer around the same (built) wrapped optimizer, with
+    a message naming the wrapped optimizer. Either way at the first step,
+    leaving the model and the first average intact: a new optimizer then
+    resumes cleanly from the raw weights."""
     model, base = transfer_model()
     frozen = values(base.weights)
     inner = keras.optimizers.SGD(0.05)
@@ -264,7 +265,12 @@ def test_transfer_learning_recompile_reusing_the_optimizer_fails_like_keras(reus
     base.trainable = True
     again = optimizer if reuse == "same_ema_optimizer" else ema_optimizer(inner)
     model.compile(optimizer=again, loss="mse")
-    with pytest.raises(ValueError, match="Unknown variable.*new optimizer instance"):
+    message = (
+        "Unknown variable.*new optimizer instance"
+        if reuse == "same_ema_optimizer"
+        else "wrapped SGD .* was built for other variables.*Wrap a new optimizer"
+    )
+    with pytest.raises(ValueError, match=message):
         fit(model, [keras_ema.EMASwap()])
     # Nothing moved: the failing trace ran no step, and the model holds the
     # raw weights (EMASwap put them back before the failing step).
