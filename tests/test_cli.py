@@ -44,6 +44,16 @@ def schedule_decay(s):
     return float(np.clip(d, SCHEDULE["min_decay"], SCHEDULE["decay"]))
 
 
+CUSTOM_LAYER = """
+import keras
+
+
+class Doubling(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+"""
+
+
 class Setup:
     """The checkpoints, the numpy reference and the commands' results."""
 
@@ -133,6 +143,20 @@ def cli(tmp_path_factory):
     s.plain = root / "plain.keras"
     plain.save(s.plain)
 
+    # A model with a layer Keras only knows from the user's module.
+    s.layers_module = root / "my_layers.py"
+    s.layers_module.write_text(CUSTOM_LAYER)
+    namespace = {}
+    exec(CUSTOM_LAYER, namespace)
+    custom = keras.Sequential(
+        [keras.Input((6,)), namespace["Doubling"](), keras.layers.Dense(1)]
+    )
+    custom.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    custom.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    s.custom = root / "custom.keras"
+    custom.save(s.custom)
+    s.custom_predictions = np.asarray(custom(x))
+
     s.missing = root / "missing.keras"
     s.text = root / "text.keras"
     s.text.write_text("not a model\n")
@@ -171,6 +195,23 @@ def cli(tmp_path_factory):
         "directory": ["export", s.directory, o / "directory"],
         "zip": ["inspect", s.zip],
         "plain_inspect": ["inspect", s.plain],
+        "plain_raw": ["export", s.plain, o / "plain_raw", "--weights", "raw"],
+        "custom_unknown": ["export", s.custom, o / "c", "--weights", "raw"],
+        "custom": [
+            "export",
+            s.custom,
+            o / "custom",
+            "--weights",
+            "raw",
+            "--custom-objects",
+            s.layers_module,
+        ],
+        "custom_objects_missing": [
+            "inspect",
+            s.custom,
+            "--custom-objects",
+            root / "nowhere.py",
+        ],
         "overwrite": ["export", s.checkpoint, o / "overwritten", "--overwrite"],
         "help": ["--help"],
         "bad_weights": ["export", s.checkpoint, o / "bad", "--weights", "bogus"],
@@ -293,9 +334,11 @@ def test_existing_out_dir_overwritten(cli):
 def test_nothing_else_written(cli):
     # Failed commands wrote nothing, and no temporary directory is left.
     expected = [
+        "custom",
         "ema",
         "exists",
         "overwritten",
+        "plain_raw",
         "raw",
         "swapped",
         "swapped_raw",
@@ -420,3 +463,28 @@ def test_help(cli):
     stdout = succeeded(cli.results["help"])
     assert stdout.startswith("usage: keras-ema")
     assert "export" in stdout and "inspect" in stdout
+
+
+def test_plain_model_exports_its_raw_weights(cli):
+    assert "raw weights" in succeeded(cli.results["plain_raw"])
+    served, info = serve(cli.out / "plain_raw", cli.x)
+    plain = keras.models.load_model(cli.plain)
+    np.testing.assert_allclose(served, np.asarray(plain(cli.x)), atol=1e-6)
+    assert info["weights"] == "raw" and info["average"] == {}
+
+
+def test_unknown_custom_layer_is_named_in_one_line(cli):
+    line = error_line(cli.results["custom_unknown"])
+    assert "'Doubling'" in line and "--custom-objects FILE.py" in line
+    assert len(line) < 400  # not Keras's dump of the whole config
+
+
+def test_custom_objects_file_loads_the_model(cli):
+    assert "raw weights" in succeeded(cli.results["custom"])
+    served, _ = serve(cli.out / "custom", cli.x)
+    np.testing.assert_allclose(served, cli.custom_predictions, atol=1e-6)
+
+
+def test_custom_objects_file_missing(cli):
+    line = error_line(cli.results["custom_objects_missing"])
+    assert "--custom-objects" in line and "no such file" in line

@@ -302,3 +302,40 @@ def test_disk_cap_refuses_before_training(tmp_path):
     with pytest.raises(ValueError, match="max_disk_bytes"):
         model.fit(*make_data(), batch_size=8, epochs=1, verbose=0, callbacks=[callback])
     assert posthoc.list_snapshots(str(tmp_path)) == []
+
+
+def test_second_fit_after_training_without_the_callback(tmp_path, capsys):
+    """Post-hoc averages need every step. A model that trained before gets
+    averages that start from its current weights (said in the output); a
+    directory whose snapshots missed steps is refused in the user's terms."""
+    from helpers import RecordWeights, make_data, make_model
+
+    x, y = make_data(n=32)
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps, no callback
+    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    fresh = keras_ema.PostHocEMA(tmp_path / "fresh", sigma_rels=(0.1,), every_n_steps=4)
+    record = RecordWeights()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[fresh, record])
+    assert "trained 4 steps before this fit" in capsys.readouterr().out
+    # One snapshot, at step 8, of a power-function average that took the
+    # weights at step 4 for the average of the steps before.
+    [(_, step, _)] = posthoc.list_snapshots(tmp_path / "fresh")
+    assert step == 8
+    gamma = keras_ema.schedules.sigma_rel_to_gamma(0.1)
+    expected = weights
+    for t, trained in enumerate(record.weights, start=5):
+        d = (1.0 - 1.0 / t) ** (gamma + 1)
+        expected = [d * a + (1 - d) * w for a, w in zip(expected, trained)]
+    got = [s.numpy() for s in fresh.averagers[0].shadows]
+    assert max(np.max(np.abs(a - b)) for a, b in zip(got, expected)) < 1e-6
+
+    # A fit without the callback, then the same directory: refused.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    again = keras_ema.PostHocEMA(tmp_path / "fresh", sigma_rels=(0.1,), every_n_steps=4)
+    with pytest.raises(ValueError, match="end at step 8, but the model is at step 12"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[again])
+    # ...and the same callback object reused across such a gap too.
+    with pytest.raises(ValueError, match="every fit of the run"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[fresh])
