@@ -44,6 +44,36 @@ class RecordWeights(keras.callbacks.Callback):
             self.steps.append(int(averager.step.numpy()))
 
 
+class RecordFirstBatch(keras.callbacks.Callback):
+    """The trainable weights the first step of a fit starts from."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.weights is None:
+            self.weights = values(self.model.trainable_variables)
+
+
+def assert_bit_equal(a, b):
+    """Equal dtypes, shapes and bits, array by array."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def learnable_data(n=32, seed=1):
+    """A learnable regression problem (so that validation loss falls)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    w = np.linspace(-1.0, 1.0, 6).reshape(6, 1)
+    y = (np.tanh(x @ w) + 0.05 * rng.normal(size=(n, 1))).astype("float32")
+    return x, y
+
+
 def make_model(seed=0, dtype=None):
     """Input(6) -> Dense(8, tanh) "hidden" -> Dense(1) "out", named "net"."""
     keras.utils.set_random_seed(seed)

@@ -13,7 +13,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import make_model, max_error, values
+from helpers import (
+    RecordFirstBatch,
+    assert_bit_equal,
+    learnable_data,
+    make_model,
+    max_error,
+    values,
+)
 
 import keras_ema
 
@@ -64,39 +71,12 @@ class RecordEpochEnd(keras.callbacks.Callback):
         self.logs.append(dict(logs))
 
 
-class RecordFirstBatch(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.weights = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.weights is None:
-            self.weights = values(self.model.trainable_variables)
-
-
 def raw_bytes(variables):
     return [v.numpy().tobytes() for v in variables]
 
 
-def assert_bit_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
-
-
-def make_data(n=N_TRAIN, seed=1):
-    """A learnable regression problem (so that validation loss falls)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    w = np.linspace(-1.0, 1.0, 6).reshape(6, 1)
-    y = (np.tanh(x @ w) + 0.05 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
-
-
 def validation_data():
-    return make_data(n=16, seed=2)
+    return learnable_data(n=16, seed=2)
 
 
 def clone_holding(model, weights):
@@ -153,7 +133,7 @@ def optimizer_average(model, source):
 
 
 def fit(model, callbacks, epochs=2, validation=True, **kwargs):
-    x, y = make_data()
+    x, y = learnable_data()
     return model.fit(
         x,
         y,
@@ -204,7 +184,7 @@ def check_calls_leave_raw_weights_bit_exact(model, calls):
         relative = np.abs(want - have) / np.maximum(np.abs(have), 1e-2)
         assert np.max(relative) > 5 * ulp  # the average is not the raw weights
 
-    x, y = make_data(n=4)
+    x, y = learnable_data(n=4)
     averaged_prediction = clone_holding(model, expected).predict(x[:1], verbose=0)
     # tf.data inputs keep a call at a few milliseconds (numpy inputs build a
     # new input pipeline at each call, ~60 ms).
@@ -531,7 +511,7 @@ def test_training_a_model_holding_its_average_resumes_from_raw():
     assert max_error(held, expected) < 1e-6
 
     # Inside ema_weights, training is refused and nothing moves.
-    x, y = make_data()
+    x, y = learnable_data()
     with keras_ema.ema_weights(model):
         with pytest.raises(RuntimeError, match="ema_weights"):
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import (
+    RecordFirstBatch,
+    assert_bit_equal,
+    learnable_data,
     make_model,
     max_error,
     predict_with,
@@ -36,17 +39,8 @@ STEPS = N_TRAIN // BATCH  # steps per epoch
 TOL = 1e-6  # float32 shadows against the float64 reference
 
 
-def make_data(n=N_TRAIN, seed=1):
-    """A learnable regression problem (so that validation loss falls)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    w = np.linspace(-1.0, 1.0, 6).reshape(6, 1)
-    y = (np.tanh(x @ w) + 0.05 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
-
-
-TRAIN = make_data()
-VALIDATION = make_data(n=16, seed=2)
+TRAIN = learnable_data()
+VALIDATION = learnable_data(n=16, seed=2)
 
 
 class RecordWeights(keras.callbacks.Callback):
@@ -65,18 +59,6 @@ class RecordWeights(keras.callbacks.Callback):
         if self.optimizer is not None:
             self.shadows.append(values(self.optimizer.averager.shadows))
             self.steps.append(int(self.optimizer.averager.step.numpy()))
-
-
-class RecordFirstBatch(keras.callbacks.Callback):
-    """The trainable weights the first step of a fit starts from."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.weights is None:
-            self.weights = values(self.model.trainable_variables)
 
 
 class RecordEpochLogs(keras.callbacks.Callback):
@@ -140,14 +122,6 @@ def averager_step(model):
     return int(keras_ema.holder.ema_optimizer_of(model).averager.step.numpy())
 
 
-def assert_bit_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
-
-
 def score_with(build, weights, validation=VALIDATION, **compile_kwargs):
     """`evaluate` of a fresh model from `build()` holding `weights` (numpy):
     the metrics the reference weights really have, computed independently."""
@@ -206,6 +180,7 @@ def test_transfer_learning_freeze_then_fine_tune_with_a_new_ema_optimizer():
     assert max_error(shadows(model), head_average) < TOL
     # EMASwap's default on_train_end="ema": the model holds the average.
     assert max_error(values(model.trainable_variables), head_average) < TOL
+
     # The clone keeps the base frozen (its trainable variables are the
     # head's) and starts from fresh random weights: give it the base's.
     def clone_with_base():
@@ -232,9 +207,9 @@ def test_transfer_learning_freeze_then_fine_tune_with_a_new_ema_optimizer():
     assert len(model.optimizer.averager.shadows) == 4  # base and head
     expected = reference_average(first.weights, tuned.weights, 0.5)
     assert max_error(shadows(model), expected) < TOL
-    assert max_error(
-        [model.optimizer.average(base.kernel).numpy()], [expected[0]]
-    ) < TOL
+    assert (
+        max_error([model.optimizer.average(base.kernel).numpy()], [expected[0]]) < TOL
+    )
     assert max_error(tuned.weights[-1][:2], frozen) > 1e-5  # the base trained
     assert_val_logs_match(logs.logs[-1], score_with(clone_of(model), expected))
     assert_val_logs_match(

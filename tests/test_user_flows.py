@@ -16,6 +16,9 @@ import keras
 import numpy as np
 import pytest
 from helpers import (
+    RecordFirstBatch,
+    assert_bit_equal,
+    learnable_data,
     make_model,
     max_error,
     predict_with,
@@ -33,16 +36,7 @@ N_TRAIN = 32
 STEPS = N_TRAIN // BATCH
 
 
-def make_data(n=N_TRAIN, seed=1):
-    """A learnable regression problem (so that validation loss falls)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    w = np.linspace(-1.0, 1.0, 6).reshape(6, 1)
-    y = (np.tanh(x @ w) + 0.05 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
-
-
-VALIDATION = make_data(n=16, seed=2)
+VALIDATION = learnable_data(n=16, seed=2)
 
 
 class RecordWeights(keras.callbacks.Callback):
@@ -56,20 +50,8 @@ class RecordWeights(keras.callbacks.Callback):
         self.weights.append(values(self.model.trainable_variables))
 
 
-class RecordFirstBatch(keras.callbacks.Callback):
-    """The trainable weights the first step of a fit starts from."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.weights is None:
-            self.weights = values(self.model.trainable_variables)
-
-
 def fit(model, callbacks=(), epochs=1, validation=True, **kwargs):
-    x, y = make_data()
+    x, y = learnable_data()
     return model.fit(
         x,
         y,
@@ -96,14 +78,6 @@ def ema_model(seed=0, learning_rate=0.05):
 
 def shadows(model):
     return values(model.optimizer.averager.shadows)
-
-
-def assert_bit_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 def random_weights(model, seed):
@@ -356,7 +330,7 @@ def test_flow5_keras_tuner_best_model_is_the_average_it_scored(tmp_path):
         project_name="ema",
         seed=1,
     )
-    x, y = make_data()
+    x, y = learnable_data()
     tuner.search(
         x,
         y,
