@@ -42,6 +42,30 @@ def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
     return None
 
 
+def model_using(optimizer) -> keras.Model | None:
+    """The Keras model that is training or loading `optimizer` now, if any.
+
+    An optimizer never learns which model it belongs to; while the model's
+    train step calls it, or Keras loads it as part of a model
+    (`load_model`, `load_weights`), that model is a local of a frame up the
+    stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, keras.Model) and _uses(value, optimizer):
+                return value
+        frame = frame.f_back
+    return None
+
+
+def _uses(model, optimizer) -> bool:
+    candidate = getattr(model, "optimizer", None)
+    while candidate is not None and candidate is not optimizer:
+        candidate = getattr(candidate, "inner_optimizer", None)
+    return candidate is optimizer
+
+
 def in_legacy_h5_save() -> bool:
     """Whether Keras is writing a legacy `.h5` file now.
 

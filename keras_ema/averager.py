@@ -148,7 +148,6 @@ class ExponentialMovingAverage(tf.Module):
             _swap=None,
             _updater=None,
             _copy_first_step=False,
-            _capture_first_step=False,
         )
 
     @_compat.no_automatic_dependency_tracking
@@ -332,33 +331,44 @@ class ExponentialMovingAverage(tf.Module):
         self._check_built("reset")
         self._updater.run(lambda agreed: self._updater.copy())
         self.step.assign(0)
-        self._set_untracked(_copy_first_step=False, _capture_first_step=False)
+        self._set_untracked(_copy_first_step=False)
 
     def capture_before_first_step(self) -> None:
-        """Starts the average from the initial weights of a traced first step.
+        """Starts the average from the weights the first step starts from.
 
-        For a train step whose trace creates the model's variables (a model
-        first built inside its train step) and builds this average: its
-        shadows could not read those variables' initial values, so by default
-        the first update copies the weights it is given. Called before the
-        optimizer's update in every trace until a step has been taken, this
-        adds a condition that copies the variables into the shadows while
-        the step is 0, so the average starts from the initial weights like
-        any other. Later traces leave it out.
+        Call it in a traced train step, before the optimizer's update. Until
+        a step is taken the shadows should hold the weights training starts
+        from; they do not if this trace created the variables (a model first
+        built inside its train step: their initial values could not be read
+        when the average was built) or if the weights were written since the
+        average was built (`set_weights` after `load_model`). Then this adds
+        a condition that copies the variables into the shadows while the step
+        is 0. Traces made after a step, or with the shadows up to date, add
+        nothing.
         """
         self._check_built("capture_before_first_step")
-        if not (self._copy_first_step or self._capture_first_step):
-            return
         with tf.init_scope():
-            started = int(self.step.numpy()) > 0
-        self._set_untracked(_copy_first_step=False, _capture_first_step=not started)
-        if started:
-            return
+            if int(self.step.numpy()) > 0:
+                return
+            if not self._copy_first_step and self._shadows_hold_variables():
+                return
+        self._set_untracked(_copy_first_step=False)
 
         def capture(agreed):
             tf.cond(tf.equal(self.step, 0), self._updater.copy, lambda: None)
 
         self._updater.run(capture)
+
+    def _shadows_hold_variables(self) -> bool:
+        """Whether every shadow holds its variable's value (read eagerly)."""
+        for shadow, variable in zip(self._shadows, self._averaged):
+            value = initial_value(variable)
+            if value is None:
+                return False
+            wanted = np.asarray(tf.cast(value, shadow.dtype))
+            if wanted.tobytes() != np.asarray(shadow.value).tobytes():
+                return False
+        return True
 
     def update(self, step=None, applied=None) -> None:
         """Updates the shadows for optimizer step `step`.

@@ -256,9 +256,10 @@ class EMAOptimizer(
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
-        # A model whose variables this trace created: the average takes their
-        # initial values before the first step changes them.
+        # Until the first step, the average takes the weights that step
+        # starts from, whatever happened to them since it was built.
         self.averager.capture_before_first_step()
+        self._introduce_to_model()
         stepper = self._stepping_optimizer
         if not self._may_skip_steps():
             stepper.apply(grads, trainable_variables)
@@ -270,6 +271,18 @@ class EMAOptimizer(
         applied = tf.not_equal(tf.identity(stepper.iterations), before)
         for averager in averagers:
             averager.update(applied=applied)
+
+    def _introduce_to_model(self):
+        # The model's WeightHolder guards every later `fit` of the model,
+        # making it start from the raw weights, and takes over the raw
+        # weights of a file loaded while the average was in. A model only
+        # ever trained with plain `fit`, or just loaded, has none yet.
+        # Training and loading are where the optimizer meets its model.
+        from keras_ema.holder import WeightHolder
+
+        model = _compat.model_using(self)
+        if model is not None:
+            WeightHolder.of(model)
 
     def track_non_trainable(self, variables) -> None:
         """Averages the model's float non-trainable variables too.

@@ -175,6 +175,7 @@ class AverageSaving:
         return hold
 
     def load_own_variables(self, store):
+        self._introduce_to_model()
         found = set(store.keys())
         if found and all(key.isdigit() for key in found):
             raise ValueError(
@@ -188,7 +189,11 @@ class AverageSaving:
         entries = split_store(store)
         if not found:
             # Saved before its first step: the average starts from the
-            # weights loaded with it (Keras loads the model's first).
+            # weights loaded with it (Keras loads the model's first), and
+            # whatever an earlier load left waiting is superseded.
+            self._set_untracked(
+                _pending_store=None, _pending_non_trainable=None, _loaded_hold=None
+            )
             if self.built:
                 for averager in self.averagers:
                     averager.reset()

@@ -757,17 +757,19 @@ def test_save_mid_run_and_continue(tmp_path, suffix, held):
     assert_same_state(state(restored), uninterrupted_three_epochs())
 
 
-def test_plain_fit_on_a_loaded_held_average_says_what_to_do(tmp_path):
+def test_plain_fit_on_a_loaded_held_average_resumes_from_the_raw_weights(tmp_path):
     """A file saved while the model held its average, loaded, then a plain
-    fit: refused with an error that says what to do (README)."""
+    fit: it starts from the file's raw weights, the average continuing."""
     model = adam_model()
-    fit(model, [keras_ema.EMASwap()])
+    record = RecordWeights()
+    fit(model, [record, keras_ema.EMASwap()])
     model.save(tmp_path / "held.keras")
     restored = keras.models.load_model(tmp_path / "held.keras")
-    with pytest.raises(Exception, match="EMASwap") as error:
-        fit(restored, validation=False)
-    assert "restore_raw_weights" in str(error.value) or "EMASwap()" in str(error.value)
-    assert averager_step(restored) == STEPS
+    assert_bit_equal(values(restored.trainable_variables), shadows(model))
+    first = RecordFirstBatch()
+    fit(restored, [first], validation=False)
+    assert_bit_equal(first.weights, record.weights[-1])
+    assert averager_step(restored) == 2 * STEPS
 
 
 # ------------------------------------------------ 12. LSTM and Embedding
