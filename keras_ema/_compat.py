@@ -23,6 +23,7 @@ no_automatic_dependency_tracking = (
 maybe_merge_call = tf.__internal__.distribute.interim.maybe_merge_call
 
 
+@tf.autograph.experimental.do_not_convert
 def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
     """The `CallbackList` whose hook is calling `callback` now, if any.
 
@@ -42,6 +43,9 @@ def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
     return None
 
 
+# A frame walk is plain Python: autograph, converting a custom loop's
+# `optimizer.apply`, would rewrite its early return and break it.
+@tf.autograph.experimental.do_not_convert
 def model_using(optimizer) -> keras.Model | None:
     """The Keras model that is training or loading `optimizer` now, if any.
 
