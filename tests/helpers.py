@@ -56,13 +56,15 @@ class RecordFirstBatch(keras.callbacks.Callback):
             self.weights = values(self.model.trainable_variables)
 
 
-def assert_bit_equal(a, b):
-    """Equal dtypes, shapes and bits, array by array."""
-    assert len(a) == len(b)
+def assert_bit_equal(a, b, what="arrays"):
+    """Equal dtypes, shapes and bits, array by array; `what` in the message."""
+    assert len(a) == len(b), what
     for x, y in zip(a, b):
         x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        assert x.tobytes() == y.tobytes(), (
+            f"{what}: differs by {max_error([x], [y]):.3g}"
+        )
 
 
 def learnable_data(n=32, seed=1):

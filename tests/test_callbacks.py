@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 from helpers import (
     RecordFirstBatch,
+    RecordWeights,
     assert_bit_equal,
     learnable_data,
     make_model,
@@ -45,17 +46,6 @@ def reference_average(initial, trajectory, decay=lambda s: DECAY, init="weights"
             d = decay(t)
             shadow = [a - (1.0 - d) * (a - w) for a, w in zip(shadow, weights)]
     return shadow
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """Records the trainable weights after every training step."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append(values(self.model.trainable_variables))
 
 
 class RecordEpochEnd(keras.callbacks.Callback):

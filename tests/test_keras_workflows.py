@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from helpers import (
     RecordFirstBatch,
+    RecordWeights,
     assert_bit_equal,
     learnable_data,
     make_model,
@@ -41,24 +42,6 @@ TOL = 1e-6  # float32 shadows against the float64 reference
 
 TRAIN = learnable_data()
 VALIDATION = learnable_data(n=16, seed=2)
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """The trainable weights after every step (every execution with
-    `steps_per_execution`); given the EMAOptimizer, its shadows and step."""
-
-    def __init__(self, optimizer=None):
-        super().__init__()
-        self.optimizer = optimizer
-        self.weights = []
-        self.shadows = []
-        self.steps = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append(values(self.model.trainable_variables))
-        if self.optimizer is not None:
-            self.shadows.append(values(self.optimizer.averager.shadows))
-            self.steps.append(int(self.optimizer.averager.step.numpy()))
 
 
 class RecordEpochLogs(keras.callbacks.Callback):
@@ -597,6 +580,27 @@ def two_headed_data(n, seed):
     return {"a": a, "b": b}, y
 
 
+def fit_validating_both(model, data, validation):
+    """Two epochs with `EMASwap(evaluate="both")`; checks the average.
+
+    Returns the initial weights, the RecordWeights and RecordEpochLogs of
+    the fit, and the reference average.
+    """
+    w0 = values(model.trainable_variables)
+    record = RecordWeights()
+    logs = RecordEpochLogs()
+    fit(
+        model,
+        [record, logs, keras_ema.EMASwap(evaluate="both")],
+        epochs=2,
+        data=data,
+        validation=validation,
+    )
+    expected = reference_average(w0, record.weights, DECAY)
+    assert max_error(shadows(model), expected) < TOL
+    return w0, record, logs, expected
+
+
 def test_multi_input_multi_output_functional_model():
     compile_kwargs = dict(
         loss={
@@ -608,19 +612,10 @@ def test_multi_input_multi_output_functional_model():
     )
     model = two_headed_model()
     model.compile(optimizer=ema_optimizer(), **compile_kwargs)
-    w0 = values(model.trainable_variables)
     validation = two_headed_data(16, seed=2)
-    record = RecordWeights()
-    logs = RecordEpochLogs()
-    fit(
-        model,
-        [record, logs, keras_ema.EMASwap(evaluate="both")],
-        epochs=2,
-        data=two_headed_data(N_TRAIN, seed=1),
-        validation=validation,
+    _, record, logs, expected = fit_validating_both(
+        model, two_headed_data(N_TRAIN, seed=1), validation
     )
-    expected = reference_average(w0, record.weights, DECAY)
-    assert max_error(shadows(model), expected) < TOL
     # Each output's val_* are the average's; val_raw_* the raw weights'.
     last = logs.logs[-1]
     assert {"val_reg_loss", "val_cls_loss", "val_raw_cls_loss"} <= set(last)
@@ -798,19 +793,10 @@ def test_lstm_and_embedding_model():
         name="sequence",
     )
     model.compile(optimizer=ema_optimizer(keras.optimizers.SGD(0.2)), loss="mse")
-    w0 = values(model.trainable_variables)
     validation = sequence_data(16, seed=2)
-    record = RecordWeights()
-    logs = RecordEpochLogs()
-    fit(
-        model,
-        [record, logs, keras_ema.EMASwap(evaluate="both")],
-        epochs=2,
-        data=sequence_data(N_TRAIN, seed=1),
-        validation=validation,
+    w0, record, logs, expected = fit_validating_both(
+        model, sequence_data(N_TRAIN, seed=1), validation
     )
-    expected = reference_average(w0, record.weights, DECAY)
-    assert max_error(shadows(model), expected) < TOL
     embedding = model.get_layer("embed").embeddings
     index = [v.path for v in model.trainable_variables].index(embedding.path)
     # The sparse (IndexedSlices) embedding update moved some rows only: the

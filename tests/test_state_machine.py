@@ -8,18 +8,19 @@ with `restore_best_weights`, evaluate/predict with `EMASwap`,
 `model.load_weights`) in any order, and after every operation checks what
 the model holds against a float64 numpy reference of what it should hold:
 
-- `raw`: the weights training continues from (bit-exact);
+- `raw`: the weights training continues from (bit-exact). Every training,
+  plain `fit` and `train_on_batch` included, starts from them, whatever the
+  model held (README, "Saving, resuming and exporting");
 - `average`: the EMA of the weights after every training step, computed
   here from the weights recorded after each step, never read from the
   library;
 - `holds`: whether the model holds `raw`, the `average`, or a `snapshot`
   (an earlier state of the average, kept by EarlyStopping);
-- `step`: the number of training steps of the average;
-- `refuses`: a model loaded from a file that held its average, not yet
-  touched by any keras_ema function, refuses a plain `fit` or
-  `train_on_batch` (RuntimeError mentioning EMASwap).
+- `step`: the number of training steps of the average.
 
 Bookkeeping bugs live in orders nobody thought of; this test looks for them.
+The sequences that found bugs so far are replayed by
+`test_sequences_that_found_bugs`.
 
 By default it runs a few derandomized examples (reproducible in CI, well
 under a minute). To search harder, set the number of examples, which also
@@ -27,6 +28,9 @@ makes Hypothesis random (and saves failures to its example database):
 
     KERAS_EMA_STATE_MACHINE_EXAMPLES=200 python -m pytest -q \
         tests/test_state_machine.py
+
+and to try sequences longer than 8 operations, KERAS_EMA_STATE_MACHINE_STEPS
+(e.g. 16).
 """
 
 import copy
@@ -37,13 +41,25 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-from helpers import make_model, max_error, predict_with, reference_average, values
+from helpers import (
+    RecordFirstBatch,
+    RecordWeights,
+    assert_bit_equal,
+    learnable_data,
+    make_model,
+    max_error,
+    predict_with,
+    reference_average,
+    values,
+)
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
+    initialize,
     invariant,
+    multiple,
     precondition,
     rule,
 )
@@ -58,42 +74,10 @@ STEPS = N_TRAIN // BATCH  # training steps per epoch
 AVERAGE_TOLERANCE = 1e-6  # float32 model values against float64 references
 
 EXAMPLES_ENV = "KERAS_EMA_STATE_MACHINE_EXAMPLES"
+STEPS_ENV = "KERAS_EMA_STATE_MACHINE_STEPS"  # the longest sequence tried
 
-
-def make_data(n, seed):
-    """A learnable regression problem (so that validation loss falls)."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)).astype("float32")
-    w = np.linspace(-1.0, 1.0, 6).reshape(6, 1)
-    y = (np.tanh(x @ w) + 0.05 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
-
-
-TRAIN = make_data(N_TRAIN, seed=1)
-VALIDATION = make_data(8, seed=2)
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """The trainable weights after every step."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append(values(self.model.trainable_variables))
-
-
-class RecordFirstBatch(keras.callbacks.Callback):
-    """The trainable weights the first step of a fit starts from."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.weights is None:
-            self.weights = values(self.model.trainable_variables)
+TRAIN = learnable_data(N_TRAIN, seed=1)
+VALIDATION = learnable_data(8, seed=2)
 
 
 def ema_model():
@@ -129,16 +113,6 @@ def sgd_step(weights, x, y):
     return [w - LEARNING_RATE * g for w, g in zip((w1, b1, w2, b2), grads)]
 
 
-def assert_bit_equal(a, b, what):
-    assert len(a) == len(b), what
-    for x, y in zip(a, b):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape, what
-        assert x.tobytes() == y.tobytes(), (
-            f"{what}: differs by {max_error([x], [y]):.3g}"
-        )
-
-
 def assert_close(a, b, what, tolerance=AVERAGE_TOLERANCE):
     assert len(a) == len(b), what
     error = max_error(a, b)
@@ -154,35 +128,33 @@ class Reference:
         self.step = 0
         self.holds = "raw"
         self.snapshot = None
-        self.refuses = False  # a plain fit raises (loaded while holding)
-        self.touched = False  # a keras_ema function has seen this model
 
     def advance(self, start, trajectory):
-        """The average over `trajectory`, started from `start` if new."""
+        """The average over `trajectory`; a new one starts from `start`."""
         initial = start if self.step == 0 else self.average
         self.average = reference_average(initial, trajectory, DECAY)
         self.step += len(trajectory)
+
+    def trained(self, trajectory, holds="raw", snapshot=None):
+        """After training from `raw` through `trajectory`."""
+        self.advance(self.raw, trajectory)
+        self.raw = trajectory[-1]
+        self.holds = holds
+        self.snapshot = snapshot
 
     def served(self):
         """What EMASwap and ema_weights serve as the average."""
         return self.snapshot if self.holds == "snapshot" else self.average
 
     def held(self):
-        return {"raw": self.raw, "average": self.average}.get(
-            self.holds, self.snapshot
-        )
-
-    def touch(self):
-        self.touched = True
-        self.refuses = False
+        return {"raw": self.raw, "average": self.average}.get(self.holds, self.snapshot)
 
     def copy(self):
         return copy.deepcopy(self)
 
 
 class EMAStateMachine(RuleBasedStateMachine):
-    keras_files = Bundle("keras_files")
-    weights_files = Bundle("weights_files")
+    files = Bundle("files")  # saved as both .keras and .weights.h5
 
     def __init__(self):
         super().__init__()
@@ -213,6 +185,7 @@ class EMAStateMachine(RuleBasedStateMachine):
         )
 
     def _state(self):
+        """`(weights, shadows, step)`; no average before it is built."""
         optimizer = self.model.optimizer
         averager = optimizer.averager
         if not (optimizer.built and averager.built):
@@ -223,141 +196,101 @@ class EMAStateMachine(RuleBasedStateMachine):
             int(averager.step.numpy()),
         )
 
-    def _assert_refused(self, train):
-        before = self._state()
-        with pytest.raises(RuntimeError, match="EMASwap"):
-            train()
-        after = self._state()
-        assert_bit_equal(after[0], before[0], "weights after a refused fit")
-        if before[1] is not None:
-            assert_bit_equal(after[1], before[1], "shadows after a refused fit")
-        assert after[2] == before[2]
-
-    def _check_validation(self, history, trajectory, served_at_epoch_end):
+    def _check_validation(self, history, trajectory, held_at_epoch_end):
         """Each epoch's val_loss is that of what the model held then."""
         for epoch, loss in enumerate(history.history["val_loss"]):
-            weights = served_at_epoch_end(trajectory[: (epoch + 1) * STEPS])
+            weights = held_at_epoch_end(trajectory[: (epoch + 1) * STEPS])
             assert loss == pytest.approx(mse(weights, VALIDATION), rel=1e-5), (
                 f"val_loss of epoch {epoch}"
             )
 
-    def _average_after(self, start, prefix):
+    def _average_after(self, prefix):
         """The reference average after the first steps `prefix` of a fit."""
         probe = self.ref.copy()
-        probe.advance(start, prefix)
+        probe.advance(probe.raw, prefix)
         return probe.average
+
+    def _fit_from_raw(self, callbacks, epochs=1):
+        """Fits; checks it started from the raw weights; the trajectory."""
+        first, record = RecordFirstBatch(), RecordWeights()
+        history = self._fit([first, record, *callbacks], epochs)
+        assert len(record.weights) == len(history.epoch) * STEPS
+        assert_bit_equal(first.weights, self.ref.raw, "fit starts from")
+        return history, record.weights
 
     # ------------------------------------------------------------- rules
 
-    @rule(swap=st.sampled_from([None, "ema", "raw"]))
-    def fit(self, swap):
-        """Rule 1 (and the refusal of rule 7): one epoch."""
-        if swap is None and self.ref.refuses:
-            self._assert_refused(lambda: self._fit([]))
-            return
-        first, record = RecordFirstBatch(), RecordWeights()
-        callbacks = [first, record]
-        if swap is not None:
-            callbacks.append(keras_ema.EMASwap(on_train_end=swap))
-            self.ref.touch()
-        history = self._fit(callbacks)
-        assert len(record.weights) == STEPS
-        assert_bit_equal(first.weights, self.ref.raw, "fit starts from")
-        start = self.ref.raw
-        if swap is None:
-            self._check_validation(history, record.weights, lambda t: t[-1])
-        else:
-            self._check_validation(
-                history, record.weights, lambda t: self._average_after(start, t)
-            )
-        self.ref.advance(start, record.weights)
-        self.ref.raw = record.weights[-1]
-        self.ref.holds = "average" if swap == "ema" else "raw"
-        self.ref.snapshot = None
+    @rule()
+    def fit(self):
+        """Rule 1 without EMASwap: one epoch, from the raw weights."""
+        history, trajectory = self._fit_from_raw([])
+        self._check_validation(history, trajectory, lambda t: t[-1])
+        self.ref.trained(trajectory)
+
+    @rule(on_train_end=st.sampled_from(["ema", "raw"]))
+    def fit_with_emaswap(self, on_train_end):
+        """Rule 1 with EMASwap: one epoch; validation scores the average."""
+        swap = keras_ema.EMASwap(on_train_end=on_train_end)
+        history, trajectory = self._fit_from_raw([swap])
+        self._check_validation(history, trajectory, self._average_after)
+        self.ref.trained(trajectory, "average" if on_train_end == "ema" else "raw")
 
     @rule(epochs=st.sampled_from([2, 3]), mode=st.sampled_from(["min", "max"]))
     def fit_with_early_stopping(self, epochs, mode):
         """Rule 6: EarlyStopping keeps the best epoch's average."""
-        first, record = RecordFirstBatch(), RecordWeights()
         stop = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=1, restore_best_weights=True, mode=mode
         )
-        self.ref.touch()
-        history = self._fit([first, record, keras_ema.EMASwap(), stop], epochs)
-        trained = len(history.epoch)
-        assert len(record.weights) == trained * STEPS
-        assert_bit_equal(first.weights, self.ref.raw, "fit starts from")
-        start = self.ref.raw
-        self._check_validation(
-            history, record.weights, lambda t: self._average_after(start, t)
-        )
-        best = record.weights[: (stop.best_epoch + 1) * STEPS]
-        self.ref.snapshot = self._average_after(start, best)
-        self.ref.advance(start, record.weights)
-        self.ref.raw = record.weights[-1]
-        self.ref.holds = "snapshot"
+        history, trajectory = self._fit_from_raw([keras_ema.EMASwap(), stop], epochs)
+        self._check_validation(history, trajectory, self._average_after)
+        best = self._average_after(trajectory[: (stop.best_epoch + 1) * STEPS])
+        self.ref.trained(trajectory, "snapshot", best)
 
     @rule()
     def train_on_batch(self):
-        """Rule 9: a plain one-step fit."""
+        """Rule 9: a plain one-step fit, from the raw weights."""
         x, y = TRAIN[0][:BATCH], TRAIN[1][:BATCH]
-        if self.ref.refuses:
-            self._assert_refused(lambda: self.model.train_on_batch(x, y))
-            return
         self.model.train_on_batch(x, y)
         after = values(self.model.trainable_variables)
-        # It started from the raw weights: one SGD step from them.
+        # No callbacks here: it started from the raw weights if it took one
+        # SGD step from them.
         assert_close(after, sgd_step(self.ref.raw, x, y), "train_on_batch", 1e-5)
-        self.ref.advance(self.ref.raw, [after])
-        self.ref.raw = after
-        self.ref.holds = "raw"
-        self.ref.snapshot = None
+        self.ref.trained([after])
 
     @precondition(lambda self: self.ref.step > 0)
-    @rule()
-    def predict_with_emaswap(self):
-        """Rule 2: predictions of the average; the model unchanged."""
+    @rule(how=st.sampled_from(["predict", "evaluate", "ema_weights"]))
+    def use_the_average(self, how):
+        """Rules 2 and 3: the average served; the model unchanged after."""
         before = values(self.model.weights)
-        self.ref.touch()
+        served = self.ref.served()
         x = VALIDATION[0]
-        predicted = self.model.predict(
-            x, batch_size=BATCH, verbose=0, callbacks=[keras_ema.EMASwap()]
-        )
-        expected = predict_with(self.model, self.ref.served(), x)
-        assert_close([predicted], [expected], "predict with EMASwap", 1e-5)
-        assert_bit_equal(values(self.model.weights), before, "after predict")
-
-    @precondition(lambda self: self.ref.step > 0)
-    @rule()
-    def evaluate_with_emaswap(self):
-        """Rule 2: the loss of the average; the model unchanged."""
-        before = values(self.model.weights)
-        self.ref.touch()
-        loss = self.model.evaluate(
-            *VALIDATION, batch_size=BATCH, verbose=0, callbacks=[keras_ema.EMASwap()]
-        )
-        expected = mse(self.ref.served(), VALIDATION)
-        assert loss == pytest.approx(expected, rel=1e-5), "evaluate with EMASwap"
-        assert_bit_equal(values(self.model.weights), before, "after evaluate")
-
-    @precondition(lambda self: self.ref.step > 0)
-    @rule()
-    def ema_weights(self):
-        """Rule 3: the average inside the block; the model unchanged after."""
-        before = values(self.model.weights)
-        self.ref.touch()
-        with keras_ema.ema_weights(self.model):
-            inside = values(self.model.trainable_variables)
-        assert_close(inside, self.ref.served(), "inside ema_weights")
-        assert_bit_equal(values(self.model.weights), before, "after ema_weights")
+        if how == "predict":
+            predicted = self.model.predict(
+                x, batch_size=BATCH, verbose=0, callbacks=[keras_ema.EMASwap()]
+            )
+            expected = predict_with(self.model, served, x)
+            assert_close([predicted], [expected], "predict with EMASwap", 1e-5)
+        elif how == "evaluate":
+            loss = self.model.evaluate(
+                *VALIDATION,
+                batch_size=BATCH,
+                verbose=0,
+                callbacks=[keras_ema.EMASwap()],
+            )
+            expected = mse(served, VALIDATION)
+            assert loss == pytest.approx(expected, rel=1e-5), "evaluate, EMASwap"
+        else:
+            with keras_ema.ema_weights(self.model):
+                inside = values(self.model.trainable_variables)
+            assert_close(inside, served, "inside ema_weights")
+        assert_bit_equal(values(self.model.weights), before, f"after {how}")
 
     @rule(seed=st.integers(0, 2**16))
     def set_weights(self, seed):
-        """Rule 4: the user's weights win (the refusal stays)."""
+        """Rule 4: the user's weights win; the average stays."""
         rng = np.random.default_rng(seed)
         weights = [
-            (0.5 * rng.normal(size=v.shape)).astype(v.dtype)
-            for v in self.model.weights
+            (0.5 * rng.normal(size=v.shape)).astype(v.dtype) for v in self.model.weights
         ]
         self.model.set_weights(weights)
         self.ref.raw = weights
@@ -367,58 +300,75 @@ class EMAStateMachine(RuleBasedStateMachine):
     @rule()
     def restore_raw_weights(self):
         """Rule 5."""
-        self.ref.touch()
         keras_ema.EMASwap.restore_raw_weights(self.model)
         self.ref.holds = "raw"
         self.ref.snapshot = None
 
-    def _save(self, suffix, save):
-        name = f"file{len(self.saved)}{suffix}"
-        save(os.path.join(self.directory, name))
+    @initialize(
+        target=files,
+        session=st.sampled_from(["fresh", "loaded_untrained", "loaded_holding"]),
+    )
+    def start(self, session):
+        """Saves the untrained model, and maybe goes on with a loaded one.
+
+        "loaded_untrained": loaded from a file saved before the first step
+        (its optimizer is built, with no average yet). "loaded_holding":
+        trained with EMASwap, saved holding its raw weights then holding
+        its average, and loaded from the latter. Sessions that start from a
+        file reach the states of loaded models in fewer steps.
+        """
+        names = [self.save()]
+        if session == "loaded_untrained":
+            self.load_model(names[0])
+        elif session == "loaded_holding":
+            self.fit_with_emaswap("raw")
+            names.append(self.save())
+            self.fit_with_emaswap("ema")
+            names.append(self.save())
+            self.load_model(names[-1])
+        return multiple(*names)
+
+    @rule(target=files)
+    def save(self):
+        """`model.save` and `model.save_weights` of the same state."""
+        name = f"file{len(self.saved)}"
+        path = os.path.join(self.directory, name)
+        self.model.save(path + ".keras")
+        self.model.save_weights(path + ".weights.h5")
         weights, shadows, _ = self._state()
         self.saved[name] = (self.ref.copy(), weights, shadows)
         return name
 
-    @rule(target=keras_files)
-    def save_model(self):
-        return self._save(".keras", self.model.save)
-
-    @rule(target=weights_files)
-    def save_weights(self):
-        return self._save(".weights.h5", self.model.save_weights)
-
-    def _loaded(self, name):
-        """The state of file `name`, checked bit for bit, as reference."""
+    def _take_state_of(self, name):
+        """Checks the model holds file `name`'s weights and average, bit for
+        bit, and takes the file's reference state."""
         reference, weights, shadows = self.saved[name]
         assert_bit_equal(values(self.model.weights), weights, f"loaded {name}")
         _, loaded_shadows, step = self._state()
         if shadows is not None and loaded_shadows is not None:
             assert_bit_equal(loaded_shadows, shadows, f"average loaded from {name}")
             assert step == reference.step
-        state = reference.copy()
-        state.touched = self.ref.touched
-        state.refuses = not state.touched and state.holds != "raw"
-        return state
+        self.ref = reference.copy()
 
-    @rule(name=keras_files)
+    @rule(name=files)
     def load_model(self, name):
         """Rule 7: a new model object, holding what the saved one held."""
-        self.model = keras.models.load_model(os.path.join(self.directory, name))
-        self.ref.touched = False
-        self.ref = self._loaded(name)
+        path = os.path.join(self.directory, name + ".keras")
+        self.model = keras.models.load_model(path)
+        self._take_state_of(name)
 
-    @rule(target=keras_files)
+    @rule(target=files)
     def save_and_load_model(self):
         """Rule 7 in one step (the common case, so that it comes often)."""
-        name = self.save_model()
+        name = self.save()
         self.load_model(name)
         return name
 
-    @rule(name=st.one_of(keras_files, weights_files))
-    def load_weights(self, name):
+    @rule(name=files, suffix=st.sampled_from([".keras", ".weights.h5"]))
+    def load_weights(self, name, suffix):
         """Rule 8: the same model object takes the file's state."""
-        self.model.load_weights(os.path.join(self.directory, name))
-        self.ref = self._loaded(name)
+        self.model.load_weights(os.path.join(self.directory, name + suffix))
+        self._take_state_of(name)
 
     # -------------------------------------------------------- invariants
 
@@ -441,11 +391,56 @@ class EMAStateMachine(RuleBasedStateMachine):
 
 _EXAMPLES = os.environ.get(EXAMPLES_ENV)
 EMAStateMachine.TestCase.settings = settings(
-    max_examples=int(_EXAMPLES or "8"),
-    stateful_step_count=8,
+    max_examples=int(_EXAMPLES or "20"),
+    stateful_step_count=int(os.environ.get(STEPS_ENV, "8")),
     deadline=None,
     derandomize=_EXAMPLES is None,
     database=None if _EXAMPLES is None else settings.default.database,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestEMAStateMachine = EMAStateMachine.TestCase
+
+
+# Sequences that found keras_ema bugs (fixed in d6e86db), replayed through
+# the machine with its checks after every step.
+SEQUENCES_THAT_FOUND_BUGS = {
+    # Loaded before the first step (its optimizer built), then set_weights:
+    # the average started from the loaded weights, not from the user's.
+    "set_weights_after_loading_untrained": [
+        ("start", {"session": "loaded_untrained"}),
+        ("set_weights", {"seed": 0}),
+        ("train_on_batch", {}),
+    ],
+    # Loaded holding its average, then load_weights of the file saved before
+    # the first step: the stale raw weights of the first file still waited.
+    "untrained_load_after_held_load": [
+        ("start", {"session": "fresh"}),
+        ("fit_with_emaswap", {"on_train_end": "ema"}),
+        ("save_and_load_model", {}),
+        ("load_weights", {"name": "file0", "suffix": ".weights.h5"}),
+        ("fit", {}),
+    ],
+    # A model object with a traced train function took load_weights of a file
+    # that held its average: the plain fit trained the average.
+    "held_load_into_traced_model": [
+        ("start", {"session": "fresh"}),
+        ("fit_with_emaswap", {"on_train_end": "ema"}),
+        ("save", {}),
+        ("load_model", {"name": "file0"}),
+        ("fit", {}),
+        ("load_weights", {"name": "file1", "suffix": ".keras"}),
+        ("fit", {}),
+    ],
+}
+
+
+@pytest.mark.parametrize("sequence", sorted(SEQUENCES_THAT_FOUND_BUGS))
+def test_sequences_that_found_bugs(sequence):
+    machine = EMAStateMachine()
+    try:
+        for name, arguments in SEQUENCES_THAT_FOUND_BUGS[sequence]:
+            getattr(machine, name)(**arguments)
+            machine.holds_what_the_reference_says()
+            machine.the_average_is_the_reference_average()
+    finally:
+        machine.teardown()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers import (
     RecordFirstBatch,
+    RecordWeights,
     assert_bit_equal,
     learnable_data,
     make_model,
@@ -37,17 +38,6 @@ STEPS = N_TRAIN // BATCH
 
 
 VALIDATION = learnable_data(n=16, seed=2)
-
-
-class RecordWeights(keras.callbacks.Callback):
-    """The trainable weights after every step."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.weights.append(values(self.model.trainable_variables))
 
 
 def fit(model, callbacks=(), epochs=1, validation=True, **kwargs):
