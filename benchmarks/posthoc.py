@@ -69,7 +69,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_ema  # noqa: E402
 from keras_ema import posthoc  # noqa: E402
-from keras_ema.averager import relative_paths  # noqa: E402
+from keras_ema.shadows import relative_paths  # noqa: E402
 
 SPLIT_SEED = 0
 NOISE_SEED = 1000

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.optimizer_averages import OptimizerAverages
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 from keras_ema.optimizer_state import AverageSaving
 from keras_ema.optimizer_steps import InnerSteps
@@ -29,6 +30,7 @@ _BASE_OPTIMIZER_ARGS = (
 
 @keras.saving.register_keras_serializable(package="keras_ema")
 class EMAOptimizer(
+    OptimizerAverages,
     InnerOptimizerForwarding,
     InnerSteps,
     AverageSaving,
@@ -157,32 +159,6 @@ class EMAOptimizer(
         for name, value in attributes.items():
             setattr(self, name, value)
 
-    def attach(self, averager: ExponentialMovingAverage) -> None:
-        """Updates another built average at every step, after this one's.
-
-        The attached average runs in the same compiled train step, with the
-        same rule for skipped steps; it is not saved with the optimizer.
-        Rebuild the train function (`model.make_train_function(force=True)`)
-        if it was traced before. `keras_ema.PostHocEMA` uses it.
-
-        Args:
-            averager: A built `keras_ema.ExponentialMovingAverage`.
-        """
-        if not isinstance(averager, ExponentialMovingAverage) or not averager.built:
-            raise TypeError(
-                "`averager` must be a built keras_ema.ExponentialMovingAverage, "
-                f"got {averager!r}."
-            )
-        if any(a is averager for a in self._attached):
-            return
-        self._set_untracked(_attached=self._attached + [averager])
-
-    def detach(self, averager: ExponentialMovingAverage) -> None:
-        """Stops updating an average attached with `attach`."""
-        self._set_untracked(
-            _attached=[a for a in self._attached if a is not averager]
-        )
-
     @_compat.no_automatic_dependency_tracking
     def build(self, var_list):
         # The wrapped optimizer may have trained before it was wrapped.
@@ -206,47 +182,11 @@ class EMAOptimizer(
         if self._pending_store is not None:
             self._load_entries(*self._pending_store)
 
-    @property
-    def averaged_variables(self) -> list:
-        """The model variables averaged, trainable then non-trainable."""
-        return [v for a in self.averagers for v in a.averaged_variables]
-
-    @property
-    def shadow_variables(self) -> list:
-        """Their averages, aligned with `averaged_variables`."""
-        return [v for a in self.averagers for v in a.shadows]
-
-    @property
-    def needs_non_trainable(self) -> bool:
-        """Whether it waits for `track_non_trainable` before training."""
-        averager = self.non_trainable_averager
-        return averager is not None and not averager.built
-
-    @property
-    def averagers(self) -> list:
-        """Its own averages, built: trainable, then non-trainable."""
-        averagers = [self.averager]
-        if self.non_trainable_averager is not None:
-            averagers.append(self.non_trainable_averager)
-        return [a for a in averagers if a.built]
-
     def apply(self, grads, trainable_variables=None):
         # Checked before anything is built: variables created in a trace
         # that then fails are left unusable.
         self._check_not_holding_loaded_average()
-        averagers = [self.averager]
-        if self.non_trainable_averager is not None:
-            if not self.non_trainable_averager.built:
-                raise ValueError(
-                    "EMAOptimizer(non_trainable='average') needs the model's "
-                    "non-trainable variables before training: pass "
-                    "`callbacks=[keras_ema.EMASwap()]` to `fit` (it hands them "
-                    "over at the start of `fit`, once the model is built), or "
-                    "call `optimizer.track_non_trainable("
-                    "model.non_trainable_variables)` first."
-                )
-            averagers.append(self.non_trainable_averager)
-        averagers += self._attached
+        averagers = self._averagers_to_update()
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
@@ -283,38 +223,6 @@ class EMAOptimizer(
         model = _compat.model_using(self)
         if model is not None:
             WeightHolder.of(model)
-
-    def track_non_trainable(self, variables) -> None:
-        """Averages the model's float non-trainable variables too.
-
-        For `non_trainable="average"`: `fit` calls it with
-        `model.non_trainable_variables` at its start (from the first `fit`
-        with `EMASwap` on, or once any keras_ema function has seen the model);
-        custom loops call it before training. Integer variables are left
-        live. Calling it again is a no-op.
-
-        Args:
-            variables: The model's non-trainable variables.
-        """
-        averager = self.non_trainable_averager
-        if averager is None:
-            raise ValueError(
-                "`track_non_trainable` is for EMAOptimizer(non_trainable="
-                "'average'); this one keeps non-trainable variables live."
-            )
-        if averager.built:
-            return
-        floats = [
-            v for v in variables if tf.as_dtype(v.dtype).is_floating and not v.trainable
-        ]
-        averager.build(floats)
-        if self.averager.built:
-            averager.step.assign(self.averager.step)
-        self._finish_non_trainable_load()
-
-    def average(self, variable):
-        """Returns the shadow variable holding the average of `variable`."""
-        return self.averager.average(variable)
 
     @property
     def variables(self):

@@ -27,8 +27,9 @@ import keras
 import numpy as np
 
 from keras_ema import schedules
-from keras_ema.averager import ExponentialMovingAverage, relative_paths
+from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.holder import ema_optimizer_of, install_average
+from keras_ema.shadows import relative_paths
 
 SNAPSHOT_DTYPES = ("float16", "float32")
 _SNAPSHOT = re.compile(r"^phema-(?P<sigma_rel>\d+\.\d+)-(?P<step>\d+)\.npz$")

@@ -36,6 +36,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ema._checks import check_int
+
 __all__ = [
     "Constant",
     "DecaySchedule",
@@ -103,18 +105,6 @@ def _check_positive(value: Any, name: str) -> float:
     return _check_in(
         value, name, 0.0, math.inf, "(0, inf)", low_open=True, high_open=True
     )
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be a Python int, got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value}.")
-    return value
 
 
 def _check_dtype(dtype: Any) -> tf.DType:
@@ -230,7 +220,7 @@ class DecaySchedule:
         Returns:
             A tensor of `dtype` with the decay over the `k` steps.
         """
-        k = _check_int(k, "k", 1)
+        k = check_int(k, "k", 1)
         dtype = _check_dtype(dtype)
         s = _step_to_float64(step, minimum=k)
         return tf.cast(self._decay_over(s, k), dtype)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -87,3 +88,43 @@ def weights_digest(variables: Sequence) -> bytes:
 
 def _value(x):
     return x.value if isinstance(x, keras.Variable) else x
+
+
+class SwapsShadows:
+    """Swaps an average's shadows into its variables, exactly.
+
+    For `ExponentialMovingAverage`, which provides `_swap` (an `ExactSwap`
+    of the averaged variables, `None` until built), `_shadows` and
+    `_check_built`.
+    """
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the variables hold the averages (see `swap_in`)."""
+        return self._swap is not None and self._swap.is_swapped
+
+    def swap_in(self) -> None:
+        """Puts the averages into the variables, keeping the raw values aside.
+
+        The shadows are cast to each variable's dtype. Call `swap_out` to
+        restore the raw values bit for bit.
+        """
+        self._check_built("swap_in")
+        self._swap.swap_in(self._shadows)
+
+    def swap_out(self) -> None:
+        """Restores the raw values put aside by `swap_in`, bit for bit."""
+        self._check_built("swap_out")
+        self._swap.swap_out()
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[SwapsShadows]:
+        """Context manager: the averages inside, the raw values after.
+
+        The raw values come back bit for bit on exit, exceptions included.
+        """
+        self.swap_in()
+        try:
+            yield self
+        finally:
+            self.swap_out()

@@ -1,0 +1,125 @@
+"""Moving an average's shadows: the per-step update, its start and reset."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ema.backend.tensorflow import initial_value
+
+
+class UpdatesShadows:
+    """Moves an average's shadows towards its variables, step by step.
+
+    For `ExponentialMovingAverage`, which provides `step`, `_rule` (an
+    `UpdateRule`), `_updater` (a `ShadowUpdater`), `_shadows`, `_averaged`,
+    `_copy_first_step`, `_set_untracked`, `is_swapped` and `_check_built`.
+    """
+
+    def decay_at(self, step) -> tf.Tensor:
+        """The per-step decay at optimizer step `step` (0 while copying).
+
+        Args:
+            step: The optimizer step t (an int or int tensor).
+
+        Returns:
+            A float32 scalar tensor: 0 where the shadows copy the weights
+            (t <= start_step, or t = 1 with `init="first_step"`), else the
+            schedule's d(t - start_step).
+        """
+        return self._rule.decay_at(step, self._copy_first_step)
+
+    def current_decay(self) -> tf.Tensor:
+        """The per-step decay at the latest step (`decay_at(step)`)."""
+        self._check_built("current_decay")
+        return self.decay_at(self.step)
+
+    def reset(self) -> None:
+        """Starts the average again from the variables as they are now.
+
+        Every shadow is set to its variable's value and the step to 0, as
+        when the average is built. Call it outside a `tf.function` (or in the
+        cross-replica context of a strategy).
+        """
+        self._check_built("reset")
+        self._updater.run(lambda agreed: self._updater.copy())
+        self.step.assign(0)
+        self._set_untracked(_copy_first_step=False)
+
+    def capture_before_first_step(self) -> None:
+        """Starts the average from the weights the first step starts from.
+
+        Call it in a traced train step, before the optimizer's update. Until
+        a step is taken the shadows should hold the weights training starts
+        from; they do not if this trace created the variables (a model first
+        built inside its train step: their initial values could not be read
+        when the average was built) or if the weights were written since the
+        average was built (`set_weights` after `load_model`). Then this adds
+        a condition that copies the variables into the shadows while the step
+        is 0. Traces made after a step, or with the shadows up to date, add
+        nothing.
+        """
+        self._check_built("capture_before_first_step")
+        with tf.init_scope():
+            if int(self.step.numpy()) > 0:
+                return
+            if not self._copy_first_step and self._shadows_hold_variables():
+                return
+        self._set_untracked(_copy_first_step=False)
+
+        def capture(agreed):
+            tf.cond(tf.equal(self.step, 0), self._updater.copy, lambda: None)
+
+        self._updater.run(capture)
+
+    def _shadows_hold_variables(self) -> bool:
+        """Whether every shadow holds its variable's value (read eagerly)."""
+        for shadow, variable in zip(self._shadows, self._averaged):
+            value = initial_value(variable)
+            if value is None:
+                return False
+            wanted = np.asarray(tf.cast(value, shadow.dtype))
+            if wanted.tobytes() != np.asarray(shadow.value).tobytes():
+                return False
+        return True
+
+    def update(self, step=None, applied=None) -> None:
+        """Updates the shadows for optimizer step `step`.
+
+        Args:
+            step: The number of optimizer updates applied, the current one
+                included (an int or int tensor). `None` counts one more step
+                than the last update.
+            applied: Optional boolean tensor: whether the optimizer really
+                applied this step. When false nothing moves, not even the
+                step count (a step skipped by a loss scaler is not a step).
+        """
+        self._check_built("update")
+        if self.is_swapped:
+            raise RuntimeError(
+                f"The variables hold the averages of {self.name!r} (swapped "
+                "in); updating now would average the average. Call "
+                "`swap_out()` before training."
+            )
+        self._updater.run(self._update_cross_replica, step, applied)
+
+    def _update_cross_replica(self, agreed, step, applied):
+        t = self.step + 1 if step is None else tf.cast(agreed(step), tf.int64)
+        due, must_copy = self._rule.conditions(t, self._copy_first_step)
+
+        def move():
+            dtypes = {shadow.dtype for shadow in self._shadows}
+            self._updater.move(self._rule.rates(t, dtypes))
+
+        body = move
+        if must_copy is not None:
+            body = lambda: tf.cond(must_copy, self._updater.copy, move)  # noqa: E731
+        if applied is not None:
+            applied = agreed(applied)
+            due = applied if due is None else tf.logical_and(applied, due)
+            t = tf.where(applied, t, self.step)
+        if due is None:
+            body()
+        else:
+            tf.cond(due, body, lambda: None)
+        self.step.assign(t)

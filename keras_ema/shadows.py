@@ -1,0 +1,117 @@
+"""Shadow variables: naming them after their variables, and creating them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from keras_ema.backend.tensorflow import initial_value
+
+
+def variable_path(variable) -> str:
+    """The path that names a variable: Keras's `path`, else the TF name."""
+    path = getattr(variable, "path", None)
+    if path is None:
+        path = variable.name.split(":")[0]
+    return path
+
+
+def relative_paths(variables: Sequence) -> list[str]:
+    """Paths of `variables` without the leading components they all share.
+
+    Keras names a variable after the scopes it was built in, which depend on
+    how the model was built: `sequential/dense/kernel` when trained,
+    `dense/kernel` after `keras.models.load_model`. Dropping the shared
+    prefix gives names that survive saving and loading.
+    """
+    split = [variable_path(v).split("/") for v in variables]
+    shared = 0
+    while all(len(parts) > shared + 1 for parts in split) and (
+        len({parts[shared] for parts in split}) == 1
+    ):
+        shared += 1
+    return ["/".join(parts[shared:]) for parts in split]
+
+
+def check_variables(variables: Sequence) -> list:
+    """`variables` as a list, checked: floating variables with distinct paths."""
+    try:
+        if isinstance(variables, (str, bytes)):
+            raise TypeError
+        variables = list(variables)
+    except TypeError:
+        raise TypeError(
+            f"`variables` must be a list of variables, got {variables!r}."
+        ) from None
+    paths = set()
+    for variable in variables:
+        if not isinstance(variable, (keras.Variable, tf.Variable)):
+            raise TypeError(
+                "`variables` must hold keras.Variable or tf.Variable objects, "
+                f"got {type(variable).__name__}."
+            )
+        if not tf.as_dtype(variable.dtype).is_floating:
+            raise TypeError(
+                f"`variables` must be floating point; {variable_path(variable)!r}"
+                f" is {variable.dtype}."
+            )
+        path = variable_path(variable)
+        if path in paths:
+            raise ValueError(
+                f"`variables` holds two variables with the path {path!r}; "
+                "shadows are matched to variables by path."
+            )
+        paths.add(path)
+    return variables
+
+
+def shadow_dtype_for(variable_dtype, shadow_dtype: str) -> str:
+    """The dtype of a shadow: `shadow_dtype`, float64 for float64 variables."""
+    variable_dtype = tf.as_dtype(variable_dtype)
+    if variable_dtype == tf.float64:
+        return "float64"
+    return shadow_dtype
+
+
+def create_shadows(variables: Sequence, shadow_dtype: str) -> tuple[dict, bool]:
+    """Creates a shadow variable per variable, named by its relative path.
+
+    Call it in the name scope of the average, under `tf.init_scope` (so that
+    the shadows are ordinary, initialised variables even when created during
+    the first trace of a `tf.function`).
+
+    Args:
+        variables: The checked variables (see `check_variables`).
+        shadow_dtype: The narrowest dtype a shadow is kept in.
+
+    Returns:
+        `(shadows, unreadable)`: a dict from relative path to shadow, in the
+        order of `variables`, each holding its variable's value; and whether
+        some variable had no value to read (one created in the function being
+        traced, e.g. a model that `fit` builds at its first step). Those
+        shadows start at zero and the first update must copy the weights.
+    """
+    unreadable = False
+    shadows = {}
+    for variable, path in zip(variables, relative_paths(variables)):
+        dtype = shadow_dtype_for(variable.dtype, shadow_dtype)
+        with contextlib.ExitStack() as scopes:
+            *parents, leaf = path.split("/")
+            for parent in parents:
+                scopes.enter_context(keras.name_scope(parent))
+            initial = initial_value(variable)
+            if initial is None:
+                unreadable = True
+                initial = tf.zeros(variable.shape, dtype)
+            shadows[path] = keras.Variable(
+                tf.cast(initial, dtype),
+                dtype=dtype,
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
+                name=leaf,
+            )
+    return shadows, unreadable
