@@ -7,7 +7,9 @@ import warnings
 import keras
 
 from keras_ema import _compat, schedules
+from keras_ema.advice import JudgingAdvice
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.batchnorm import DEFAULT_BATCHNORM_STEPS, BatchNormData
 from keras_ema.export import ema_weights
 from keras_ema.holder import (
     HELD_BY_EMASWAP,
@@ -73,6 +75,18 @@ class EMASwap(keras.callbacks.Callback):
         swap_on_epoch: `True` (the default): the model holds the average
             from the validation (or the last step, in epochs without one)
             to the end of each epoch. `False`: only during validation.
+        batchnorm_data: Training data to recompute the BatchNorm moving
+            statistics from for the averaged weights, each time the average
+            goes in (validation, `evaluate`, `predict`, the end of an epoch
+            or of `fit`): a NumPy array of inputs, an `(x, y)` or `(x, y,
+            sample_weight)` tuple, or a `tf.data.Dataset` (see
+            `keras_ema.recompute_batchnorm`). The raw model's statistics
+            come back with the raw weights, bit for bit. `None`: the
+            average is judged with the statistics the model has (the raw
+            weights', or averaged ones), and a model with BatchNorm says so
+            once.
+        batchnorm_steps: How many batches of `batchnorm_data` to use
+            (`None`: all).
 
     Example:
 
@@ -94,8 +108,11 @@ class EMASwap(keras.callbacks.Callback):
         evaluate: str = "ema",
         on_train_end: str = "ema",
         swap_on_epoch: bool = True,
+        batchnorm_data=None,
+        batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
     ):
         super().__init__()
+        self._batchnorm = BatchNormData.get(batchnorm_data, batchnorm_steps)
         if decay is None:
             if update_every != 1 or start_step != 0:
                 raise ValueError(
@@ -131,6 +148,7 @@ class EMASwap(keras.callbacks.Callback):
         self._in_fit = False
         self._swapped_here = False
         self._restorers = []
+        self._advice = JudgingAdvice()
 
     @staticmethod
     def restore_raw_weights(model) -> None:
@@ -211,7 +229,7 @@ class EMASwap(keras.callbacks.Callback):
             logs = {}
         holder = self._holder
         if self.swap_on_epoch:
-            holder.swap_in(HELD_BY_EMASWAP)
+            holder.swap_in(HELD_BY_EMASWAP, self._batchnorm)
         validated = any(key.startswith("val_") for key in logs)
         if self.evaluate == "both" and validated:
             with holder.holding_raw():
@@ -233,16 +251,19 @@ class EMASwap(keras.callbacks.Callback):
             # were the average's: hold them as such, the raw weights aside.
             holder.hold_snapshot(restorer.best_weights)
         elif self.on_train_end_mode == "ema":
-            holder.swap_in(HELD_BY_END_OF_FIT)
+            holder.swap_in(HELD_BY_END_OF_FIT, self._batchnorm)
             holder.held_by = HELD_BY_END_OF_FIT
         else:
             holder.swap_out()
         self._restorers = []
+        self._advice.after_fit(holder.require_source())
 
     # ---------------------------------------------- evaluation, prediction
 
     def _begin_judging(self):
-        self._swapped_here = self._holder.swap_in(HELD_BY_EMASWAP)
+        holder = self._holder
+        self._swapped_here = holder.swap_in(HELD_BY_EMASWAP, self._batchnorm)
+        self._advice.when_judging(self.model, holder.statistics)
 
     def _end_judging(self):
         keep = self._in_fit and self.swap_on_epoch
@@ -321,6 +342,17 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
     the averaged weights only: Keras's optimizer keeps no copy of the raw
     ones in its state.
 
+    Args:
+        *args: `ModelCheckpoint`'s positional arguments (`filepath`, ...).
+        batchnorm_data: Optional training data to recompute the BatchNorm
+            moving statistics from for the average before it is saved (see
+            `keras_ema.recompute_batchnorm`), so that the file's statistics
+            match its weights. If the model holds its average already with
+            statistics recomputed by `EMASwap(batchnorm_data=...)`, those
+            are saved as they are.
+        batchnorm_steps: How many batches of `batchnorm_data` to use.
+        **kwargs: `ModelCheckpoint`'s keyword arguments.
+
     Example:
 
     ```python
@@ -331,6 +363,17 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
     ])
     ```
     """
+
+    def __init__(
+        self,
+        *args,
+        batchnorm_data=None,
+        batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+        **kwargs,
+    ):
+        BatchNormData.get(batchnorm_data, batchnorm_steps)  # checks them now
+        self._batchnorm_args = (batchnorm_data, batchnorm_steps)
+        super().__init__(*args, **kwargs)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -349,5 +392,6 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
                 stacklevel=2,
             )
             self._warned = True
-        with ema_weights(self.model):
+        data, steps = self._batchnorm_args
+        with ema_weights(self.model, data, steps):
             super()._save_model(epoch, batch, logs)

@@ -14,13 +14,18 @@ import keras
 import tensorflow as tf
 
 from keras_ema import _compat
+from keras_ema.batchnorm import DEFAULT_BATCHNORM_STEPS, BatchNormData
 from keras_ema.holder import HELD_BY_CONTEXT, WeightHolder
 
 EXPORT_WEIGHTS = ("ema", "raw")
 
 
 @contextlib.contextmanager
-def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
+def ema_weights(
+    model: keras.Model,
+    batchnorm_data=None,
+    batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+) -> Iterator[keras.Model]:
     """Context manager: the model holds its averaged weights inside.
 
     On exit, even through an exception, the raw weights are back bit for
@@ -35,18 +40,27 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
 
     Weights written into the model inside the block (`set_weights`,
     `load_weights`) are the user's: they stay after the block, and the raw
-    weights kept aside are dropped.
+    weights kept aside are dropped. BatchNorm statistics recomputed inside
+    the block (`batchnorm_data`, or `keras_ema.recompute_batchnorm`) leave
+    with the average: the raw model's come back bit for bit.
 
     Args:
         model: A compiled Keras model whose optimizer keeps an average.
+        batchnorm_data: Optional training data to recompute the BatchNorm
+            moving statistics from for the average as it goes in (see
+            `keras_ema.recompute_batchnorm` for the forms it takes).
+        batchnorm_steps: How many batches of `batchnorm_data` to use
+            (`None`: all).
 
     Returns:
         A context manager yielding `model`.
 
     Raises:
-        TypeError: if `model` is not a Keras model.
-        ValueError: if the model keeps no average, or if the call is nested
-            inside another `ema_weights` block on the same model.
+        TypeError: if `model` is not a Keras model, or `batchnorm_data` is
+            not data.
+        ValueError: if the model keeps no average, if the call is nested
+            inside another `ema_weights` block on the same model, or if
+            `batchnorm_steps` is not a positive int or None.
 
     Example:
 
@@ -58,6 +72,7 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+    batchnorm = BatchNormData.get(batchnorm_data, batchnorm_steps)
     holder = WeightHolder.of(model)
     holder.require_source()
     if holder.holds_average and holder.held_by == HELD_BY_CONTEXT:
@@ -65,7 +80,7 @@ def ema_weights(model: keras.Model) -> Iterator[keras.Model]:
             "`ema_weights` is already active on this model; nesting it would "
             "swap the average over itself."
         )
-    with holder.holding_average(HELD_BY_CONTEXT):
+    with holder.holding_average(HELD_BY_CONTEXT, batchnorm):
         yield model
 
 
@@ -75,16 +90,19 @@ def export_saved_model(
     weights: str = "ema",
     overwrite: bool = False,
     input_signature=None,
+    batchnorm_data=None,
+    batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
 ) -> str:
     """Exports a TensorFlow SavedModel for serving, with the averaged weights.
 
     The SavedModel has a `serve` endpoint (the model's forward pass, as
     `model.export` writes it) holding only the chosen weights, and an
     `ema_info` endpoint returning the average's description (decay
-    configuration and step) as a JSON string, also written to
-    `assets.extra/keras_ema.json`. The export is written to a temporary
-    directory beside `path` and renamed into place: a failure leaves no
-    half-written export, and the model's raw weights in place.
+    configuration and step, and which BatchNorm statistics it carries) as a
+    JSON string, also written to `assets.extra/keras_ema.json`. The export
+    is written to a temporary directory beside `path` and renamed into
+    place: a failure leaves no half-written export, and the model's raw
+    weights in place.
 
     Args:
         model: A Keras model whose optimizer keeps an average (for
@@ -94,6 +112,11 @@ def export_saved_model(
         overwrite: Replace an existing `path`; otherwise refuse.
         input_signature: Optional input signature for `serve`, as for
             `model.export`; by default the model's inputs.
+        batchnorm_data: With `weights="ema"`, optional training data to
+            recompute the BatchNorm statistics from for the average, so that
+            the export's statistics match its weights (see
+            `keras_ema.recompute_batchnorm`).
+        batchnorm_steps: How many batches of `batchnorm_data` to use.
 
     Returns:
         The path of the export.
@@ -115,6 +138,12 @@ def export_saved_model(
         raise ValueError(f"`weights` must be one of {EXPORT_WEIGHTS}, got {weights!r}.")
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be a bool, got {overwrite!r}.")
+    batchnorm = BatchNormData.get(batchnorm_data, batchnorm_steps)
+    if batchnorm is not None and weights == "raw":
+        raise ValueError(
+            "`batchnorm_data` recomputes statistics for the average; the raw "
+            "weights have theirs. Drop it, or export `weights='ema'`."
+        )
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(
@@ -133,7 +162,6 @@ def export_saved_model(
             holder.held_by if weights == "ema" and holder.holds_average else None
         ),
     }
-    metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
 
     parent = os.path.dirname(path)
     created_parent = not os.path.exists(parent)
@@ -146,8 +174,13 @@ def export_saved_model(
             # If the model holds its average already (inside `ema_weights`,
             # left by EMASwap, or an earlier state restored by EarlyStopping),
             # that is what goes out.
-            holding = holder.holding_average(HELD_BY_CONTEXT)
+            holding = holder.holding_average(HELD_BY_CONTEXT, batchnorm)
         with holding:
+            # "recomputed", "averaged" or "raw"; None without BatchNorm.
+            metadata["batchnorm_statistics"] = (
+                holder.statistics if weights == "ema" else None
+            )
+            metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
             archive = keras.export.ExportArchive()
             archive.track_and_add_endpoint("serve", model, input_signature)
             archive.add_endpoint("ema_info", _constant_function(metadata_json))

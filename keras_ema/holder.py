@@ -28,7 +28,9 @@ from collections.abc import Iterator, Sequence
 import keras
 
 from keras_ema import _compat
+from keras_ema.batchnorm import BatchNormData, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
+from keras_ema.shadows import served_values
 from keras_ema.swap import ExactSwap, weights_digest
 
 # Who put the average into the model (`WeightHolder.held_by`).
@@ -199,6 +201,11 @@ class WeightHolder:
         self._swap = None
         self._source = None
         self._digest = None
+        # The raw model's BatchNorm statistics, kept aside while the average
+        # is in (unless they are averaged, and so in `_swap`): statistics
+        # recomputed for the average must not stay in the raw model.
+        self._statistics = None
+        self._statistics_recomputed = False
 
     @classmethod
     def of(cls, model: keras.Model) -> WeightHolder:
@@ -265,20 +272,60 @@ class WeightHolder:
 
     # ------------------------------------------------------------- swapping
 
-    def swap_in(self, held_by: str) -> bool:
+    def swap_in(self, held_by: str, batchnorm: BatchNormData | None = None) -> bool:
         """Puts the average in, the raw weights aside.
 
-        Returns False (and changes nothing) if the model holds its average
+        With `batchnorm`, the BatchNorm statistics are then recomputed for
+        the average from its data (once per hold); the raw model's
+        statistics are kept aside too, and come back with the raw weights.
+
+        Returns False (and puts nothing in) if the model holds its average
         already.
         """
         self.reconcile()
+        swapped = self._swap is None
+        if swapped:
+            source = self.require_source()
+            swap = ExactSwap(source.variables, "the average")
+            swap.swap_in(served_values(source.variables, source.shadows))
+            self._record(source, swap, held_by)
+        if self._statistics is None:
+            averaged = {id(v) for v in self._swap.variables}
+            statistics = [
+                v for v in batchnorm_statistics(self.model) if id(v) not in averaged
+            ]
+            self._statistics = ExactSwap(statistics, "the raw BatchNorm statistics")
+            self._statistics.keep_aside([v.value for v in statistics])
+        if batchnorm is not None and not self._statistics_recomputed:
+            batchnorm.recompute(self.model)
+            self.statistics_rewritten()
+        return swapped
+
+    @property
+    def statistics(self) -> str | None:
+        """Which BatchNorm statistics the model holds with its average.
+
+        `"recomputed"` (for the average, from `batchnorm_data`),
+        `"averaged"` (`EMAOptimizer(non_trainable="average")`), `"raw"`
+        (the raw weights' moving statistics), or None if the model holds
+        no average or has no BatchNorm layer.
+        """
+        if not self.holds_average or not batchnorm_statistics(self.model):
+            return None
+        if self._statistics_recomputed:
+            return "recomputed"
+        return "raw" if self._statistics.variables else "averaged"
+
+    def statistics_rewritten(self) -> None:
+        """Records that keras_ema rewrote the BatchNorm statistics it holds.
+
+        `recompute_batchnorm` calls it: statistics recomputed for the held
+        average are not a foreign write (when they are averaged, they are
+        among the held variables).
+        """
         if self._swap is not None:
-            return False
-        source = self.require_source()
-        swap = ExactSwap(source.variables, "the average")
-        swap.swap_in(source.shadows)
-        self._record(source, swap, held_by)
-        return True
+            self._digest = weights_digest(self._swap.variables)
+            self._statistics_recomputed = True
 
     def swap_out(self) -> bool:
         """Puts the raw weights back, bit for bit.
@@ -291,6 +338,8 @@ class WeightHolder:
         if self._swap is None:
             return False
         self._swap.swap_out()
+        if self._statistics is not None:
+            self._statistics.swap_out()
         self._clear()
         return True
 
@@ -305,14 +354,21 @@ class WeightHolder:
         """
         self.swap_in(HELD_BY_EARLY_STOPPING)
         index = {id(v): i for i, v in enumerate(self.model.weights)}
-        for variable in self._swap.variables:
+        # The statistics it kept too: those it was validated with.
+        statistics = self._statistics.variables if self._statistics else []
+        for variable in self._swap.variables + statistics:
             variable.assign(values[index[id(variable)]])
         self._record(self._source, self._swap, HELD_BY_EARLY_STOPPING)
 
     @contextlib.contextmanager
-    def holding_average(self, held_by: str) -> Iterator[None]:
-        """Context manager: the average inside; afterwards, what was before."""
-        swapped = self.swap_in(held_by)
+    def holding_average(
+        self, held_by: str, batchnorm: BatchNormData | None = None
+    ) -> Iterator[None]:
+        """Context manager: the average inside; afterwards, what was before.
+
+        `batchnorm` as for `swap_in`.
+        """
+        swapped = self.swap_in(held_by, batchnorm)
         previous, self.held_by = self.held_by, held_by
         try:
             yield
@@ -333,8 +389,11 @@ class WeightHolder:
         if self._swap is None:
             yield
             return
-        held = ExactSwap(self._swap.variables, "the held average")
-        held.swap_in(self._swap.raw_values)
+        kept = [self._swap] + ([self._statistics] if self._statistics else [])
+        held = ExactSwap(
+            [v for swap in kept for v in swap.variables], "the held average"
+        )
+        held.swap_in([raw for swap in kept for raw in swap.raw_values])
         try:
             yield
         finally:
@@ -403,6 +462,8 @@ class WeightHolder:
 
     def _clear(self):
         self._source = self._swap = self._digest = self.held_by = None
+        self._statistics = None
+        self._statistics_recomputed = False
 
 
 class _TrainingGuard:

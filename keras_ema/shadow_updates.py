@@ -42,7 +42,7 @@ class UpdatesShadows:
         cross-replica context of a strategy).
         """
         self._check_built("reset")
-        self._updater.run(lambda agreed: self._updater.copy())
+        self._updater.run(lambda agreed: self._updater.copy_constrained())
         self.step.assign(0)
         self._set_untracked(_copy_first_step=False)
 
@@ -68,7 +68,9 @@ class UpdatesShadows:
         self._set_untracked(_copy_first_step=False)
 
         def capture(agreed):
-            tf.cond(tf.equal(self.step, 0), self._updater.copy, lambda: None)
+            tf.cond(
+                tf.equal(self.step, 0), self._updater.copy_constrained, lambda: None
+            )
 
         self._updater.run(capture)
 
@@ -78,6 +80,8 @@ class UpdatesShadows:
             value = initial_value(variable)
             if value is None:
                 return False
+            if getattr(variable, "constraint", None) is not None:
+                value = variable.constraint(value)
             wanted = np.asarray(tf.cast(value, shadow.dtype))
             if wanted.tobytes() != np.asarray(shadow.value).tobytes():
                 return False

@@ -106,6 +106,10 @@ def create_shadows(variables: Sequence, shadow_dtype: str) -> tuple[dict, bool]:
             if initial is None:
                 unreadable = True
                 initial = tf.zeros(variable.shape, dtype)
+            elif getattr(variable, "constraint", None) is not None:
+                # The average starts where training does: Keras constrains
+                # the weights after each update, never the initial ones.
+                initial = variable.constraint(initial)
             shadows[path] = keras.Variable(
                 tf.cast(initial, dtype),
                 dtype=dtype,
@@ -115,3 +119,22 @@ def create_shadows(variables: Sequence, shadow_dtype: str) -> tuple[dict, bool]:
                 name=leaf,
             )
     return shadows, unreadable
+
+
+def served_values(variables: Sequence, shadows: Sequence) -> list:
+    """The shadows as their variables take them: cast, constraint applied.
+
+    The average of weights that satisfy a convex constraint (`NonNeg`,
+    `MaxNorm`, `MinMaxNorm`) satisfies it already, and the constraint
+    changes it by rounding at most; the average of `UnitNorm` weights does
+    not (the unit sphere is not convex) and is renormalised here, as Keras
+    renormalises the weights after each update.
+    """
+    values = []
+    for variable, shadow in zip(variables, shadows):
+        if isinstance(shadow, keras.Variable):
+            shadow = shadow.value
+        value = keras.ops.cast(shadow, variable.dtype)
+        constraint = getattr(variable, "constraint", None)
+        values.append(value if constraint is None else constraint(value))
+    return values

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 import keras
 import numpy as np
 
+from keras_ema.shadows import served_values
+
 
 class ExactSwap:
     """Puts values into variables, keeping the raw values aside, and back.
@@ -110,7 +112,7 @@ class SwapsShadows:
         restore the raw values bit for bit.
         """
         self._check_built("swap_in")
-        self._swap.swap_in(self._shadows)
+        self._swap.swap_in(served_values(self._averaged, self._shadows))
 
     def swap_out(self) -> None:
         """Restores the raw values put aside by `swap_in`, bit for bit."""

@@ -58,8 +58,11 @@ def shadow_update(shadow, weight, rate):
     )
 
 
-def _shadow_copy(shadow, weight):
-    return shadow.assign(tf.cast(weight, shadow.dtype))
+def _shadow_copy(shadow, weight, constraint=None):
+    value = tf.convert_to_tensor(weight)
+    if constraint is not None:
+        value = constraint(value)
+    return shadow.assign(tf.cast(value, shadow.dtype))
 
 
 def _size(variable) -> int:
@@ -119,6 +122,18 @@ class ShadowUpdater:
     def copy(self):
         """Sets every shadow to its variable."""
         self._for_each(_shadow_copy, self.pairs)
+
+    def copy_constrained(self):
+        """Sets every shadow to its variable with the variable's constraint
+        applied (weights before the first step may not satisfy it yet:
+        Keras applies constraints after each optimizer update)."""
+        for shadow, variable in self.pairs:
+            self.strategy.extended.update(
+                tf_variable(shadow),
+                _shadow_copy,
+                args=(tf_variable(variable), getattr(variable, "constraint", None)),
+                group=False,
+            )
 
     def move(self, rates):
         """`shadow -= rates[dtype] * (shadow - w)` for every shadow."""
