@@ -121,9 +121,15 @@ class BatchNormData:
         layers = batchnorm_layers(model)
         if not layers:
             raise ValueError("`model` has no BatchNormalization layer.")
-        momenta = [layer.momentum for layer in layers]
+        settings = [(layer.momentum, layer.synchronized) for layer in layers]
         count = 0
         try:
+            for layer in layers:
+                # One call over the whole batch already sees the global batch
+                # statistics a synchronized layer computes across replicas;
+                # its collective reductions, issued from here on one device,
+                # would leave the other replicas waiting.
+                layer.synchronized = False
             for batch in self.batches():
                 # Batch k gets weight 1/(k+1): the plain average of all
                 # batches' statistics.
@@ -133,8 +139,9 @@ class BatchNormData:
                 model(batch, training=True)
                 count += 1
         finally:
-            for layer, momentum in zip(layers, momenta):
+            for layer, (momentum, synchronized) in zip(layers, settings):
                 layer.momentum = momentum
+                layer.synchronized = synchronized
         if count == 0:
             raise ValueError("`data` yielded no batch.")
         return count

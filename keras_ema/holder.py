@@ -30,7 +30,8 @@ import keras
 from keras_ema import _compat
 from keras_ema.batchnorm import BatchNormData, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
-from keras_ema.shadows import served_values
+from keras_ema.optimizer_state import SavedHold
+from keras_ema.shadows import relative_paths, served_values
 from keras_ema.swap import ExactSwap, weights_digest
 
 # Who put the average into the model (`WeightHolder.held_by`).
@@ -261,10 +262,10 @@ class WeightHolder:
         if source is not None and source.kind == "keras_ema":
             loaded = source.optimizer.take_loaded_hold()
             if loaded is not None:
-                raw, digest = loaded
                 swap = ExactSwap(source.variables, "the loaded average")
-                swap.keep_aside(raw)
-                self._record(source, swap, HELD_BY_FILE, digest)
+                swap.keep_aside(loaded.all_raw())
+                self._record(source, swap, HELD_BY_FILE, loaded.digest)
+                self._keep_loaded_statistics(loaded.statistics)
         if self._swap is not None and (
             weights_digest(self._swap.variables) != self._digest
         ):
@@ -431,11 +432,12 @@ class WeightHolder:
 
     # ---------------------------------------------------------------- saving
 
-    def hold_to_save(self, optimizer) -> tuple[list, bytes] | None:
-        """`(raw values, digest)` if `optimizer`'s average is in the model.
+    def hold_to_save(self, optimizer) -> SavedHold | None:
+        """What to save besides the average if `optimizer`'s is in the model.
 
-        `EMAOptimizer.save_own_variables` saves them, so that a file saved
-        while the model holds its average keeps the raw weights too.
+        `EMAOptimizer.save_own_variables` saves it, so that a file saved
+        while the model holds its average keeps the raw weights (and the raw
+        model's BatchNorm statistics, if the held ones were recomputed) too.
         """
         if _compile_is_custom(self.model) and not self._warned_custom_compile:
             warnings.warn(
@@ -448,7 +450,32 @@ class WeightHolder:
         self.reconcile()
         if self._swap is None or self._source.optimizer is not optimizer:
             return None
-        return list(self._swap.raw_values), self._digest
+        raw = list(self._swap.raw_values)
+        count = len(optimizer.averager.shadows)
+        statistics = {}
+        if self._statistics is not None and self._statistics_recomputed:
+            paths = _statistics_paths(self._statistics.variables)
+            statistics = dict(zip(paths, self._statistics.raw_values))
+        return SavedHold(raw[:count], raw[count:] or None, self._digest, statistics)
+
+    def _keep_loaded_statistics(self, statistics: dict) -> None:
+        if not statistics:
+            return
+        variables = batchnorm_statistics(self.model)
+        by_path = dict(zip(_statistics_paths(variables), variables))
+        if set(statistics) != set(by_path):
+            warnings.warn(
+                "The file keeps the raw model's BatchNorm statistics, but "
+                "they do not match this model's BatchNorm layers; the "
+                "statistics loaded (recomputed for the average) stay.",
+                stacklevel=3,
+            )
+            return
+        self._statistics = ExactSwap(
+            [by_path[p] for p in statistics], "the raw BatchNorm statistics"
+        )
+        self._statistics.keep_aside(list(statistics.values()))
+        self._statistics_recomputed = True
 
     # -------------------------------------------------------------- private
 
@@ -487,6 +514,12 @@ class _TrainingGuard:
     def __call__(self, force=False):
         retrace = self.holder.prepare_for_training()
         return self.make_train_function(force=force or retrace)
+
+
+def _statistics_paths(variables) -> list:
+    # Without the prefix they share, so that they match whatever the
+    # model's name.
+    return relative_paths(variables)
 
 
 def _compile_is_custom(model) -> bool:

@@ -5,20 +5,47 @@ Each average is saved under its variables' paths relative to the model
 `non_trainable_step`, `non_trainable_average:<path>`), so that it loads into
 the right variables whatever the model's name or build order. A file saved
 while the model held its average also keeps the raw weights (`raw:<path>`,
-`non_trainable_raw:<path>`) and the digest of the weights the model held
-(`held_digest`), so that nothing is lost and the loaded model knows it
-holds its average.
+`non_trainable_raw:<path>`), the raw model's BatchNorm statistics kept
+aside (`statistics_raw:<path>`, path relative to the model's BatchNorm
+statistics) and the digest of the weights the model held (`held_digest`),
+so that nothing is lost and the loaded model knows it holds its average.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import numpy as np
 
 TRAINABLE = ""
 NON_TRAINABLE = "non_trainable"
+STATISTICS = "statistics"
 DIGEST_KEY = "held_digest"
+
+
+@dataclasses.dataclass
+class SavedHold:
+    """What a model holding its average keeps aside, as a file stores it.
+
+    Attributes:
+        raw: The raw values of the averaged trainable variables.
+        raw_non_trainable: Those of the averaged non-trainable variables, if
+            the optimizer averages them (None until they are known).
+        digest: The digest of the weights the model held (the average).
+        statistics: The raw model's BatchNorm statistics kept aside while
+            the model held statistics recomputed for its average, by path
+            (see `WeightHolder.hold_to_save`); empty if none.
+    """
+
+    raw: list
+    raw_non_trainable: list | None
+    digest: bytes | None
+    statistics: dict
+
+    def all_raw(self) -> list:
+        """The raw values aligned with the optimizer's averaged variables."""
+        return self.raw + (self.raw_non_trainable or [])
 
 
 def store_key(prefix: str, kind: str, path: str | None = None) -> str:
@@ -38,17 +65,31 @@ def save_average(averager, store, prefix: str, raw_values=None) -> None:
             store[store_key(prefix, "raw", path)] = np.asarray(raw)
 
 
-def split_store(store) -> tuple[dict, dict, bytes | None]:
-    """`(trainable entries, non-trainable entries, held digest)` of a store."""
+def split_store(store) -> tuple[dict, dict, bytes | None, dict]:
+    """`(trainable entries, non-trainable entries, held digest, statistics)`
+    of a store; statistics keyed by path."""
     entries = {key: np.asarray(store[key]) for key in store.keys()}
     digest = entries.pop(DIGEST_KEY, None)
+    prefix = store_key(STATISTICS, "raw", "")
+    statistics = {
+        key[len(prefix) :].replace("|", "/"): entries.pop(key)
+        for key in list(entries)
+        if key.startswith(prefix)
+    }
     non_trainable = {
         key: value for key, value in entries.items() if key.startswith(NON_TRAINABLE)
     }
     trainable = {
         key: value for key, value in entries.items() if key not in non_trainable
     }
-    return trainable, non_trainable, None if digest is None else digest.tobytes()
+    digest = None if digest is None else digest.tobytes()
+    return trainable, non_trainable, digest, statistics
+
+
+def save_statistics(store, statistics: dict) -> None:
+    """Writes the kept-aside BatchNorm statistics, `{path: value}`."""
+    for path, value in statistics.items():
+        store[store_key(STATISTICS, "raw", path)] = np.asarray(value)
 
 
 def digest_entry(digest: bytes) -> np.ndarray:
@@ -127,19 +168,17 @@ class AverageSaving:
         """Tells the optimizer which `WeightHolder` holds its average in."""
         self._set_untracked(_holder_ref=weakref.ref(holder))
 
-    def take_loaded_hold(self) -> tuple[list, bytes] | None:
-        """`(raw values, digest)` of a loaded file saved holding the average.
+    def take_loaded_hold(self) -> SavedHold | None:
+        """What a loaded file saved holding the average kept aside.
 
-        The raw values are aligned with `averaged_variables`; the digest is
-        of the weights the model held when saved. Returns None if there is
-        none (or not yet every average is built); taking clears it.
+        Returns None if there is none (or not yet every average is built);
+        taking clears it.
         """
         hold = self._loaded_hold
         if hold is None or self._pending_non_trainable is not None:
             return None
         self._set_untracked(_loaded_hold=None)
-        raw, raw_non_trainable, digest = hold
-        return raw + (raw_non_trainable or []), digest
+        return hold
 
     def _check_not_holding_loaded_average(self):
         if self._loaded_hold is not None:
@@ -148,31 +187,30 @@ class AverageSaving:
     def save_own_variables(self, store):
         # The wrapped optimizer saves its own state (Keras walks into it).
         if self._pending_store is not None:
-            trainable, non_trainable, digest = self._pending_store
+            trainable, non_trainable, digest, statistics = self._pending_store
             for key, value in {**trainable, **non_trainable}.items():
                 store[key] = value
+            save_statistics(store, statistics)
             if digest is not None:
                 store[DIGEST_KEY] = digest_entry(digest)
             return
         if not self.built:
             return  # nothing to save before the first step, as Keras
         hold = self._hold_to_save()
-        raw, digest = hold if hold is not None else (None, None)
-        count = len(self.averager.shadows)
-        save_average(self.averager, store, TRAINABLE, raw and raw[:count])
+        save_average(self.averager, store, TRAINABLE, hold and hold.raw)
         non_trainable = self.non_trainable_averager
         if non_trainable is not None and non_trainable.built:
-            save_average(non_trainable, store, NON_TRAINABLE, raw and raw[count:])
-        if digest is not None:
-            store[DIGEST_KEY] = digest_entry(digest)
+            save_average(
+                non_trainable, store, NON_TRAINABLE, hold and hold.raw_non_trainable
+            )
+        if hold is not None:
+            save_statistics(store, hold.statistics)
+            store[DIGEST_KEY] = digest_entry(hold.digest)
 
-    def _hold_to_save(self):
+    def _hold_to_save(self) -> SavedHold | None:
         holder = self._holder_ref() if self._holder_ref is not None else None
         hold = holder.hold_to_save(self) if holder is not None else None
-        if hold is None and self._loaded_hold is not None:
-            raw, raw_non_trainable, digest = self._loaded_hold
-            hold = (raw + (raw_non_trainable or []), digest)
-        return hold
+        return hold if hold is not None else self._loaded_hold
 
     def load_own_variables(self, store):
         self._introduce_to_model()
@@ -203,7 +241,7 @@ class AverageSaving:
             return
         self._load_entries(*entries)
 
-    def _load_entries(self, trainable, non_trainable, digest):
+    def _load_entries(self, trainable, non_trainable, digest, statistics):
         averager = self.non_trainable_averager
         if averager is None and non_trainable:
             raise ValueError(
@@ -225,10 +263,10 @@ class AverageSaving:
             else:
                 # The model's non-trainable variables are not known yet.
                 self._set_untracked(_pending_non_trainable=non_trainable)
-        self._set_untracked(
-            _pending_store=None,
-            _loaded_hold=None if raw is None else (raw, raw_non_trainable, digest),
-        )
+        hold = None
+        if raw is not None:
+            hold = SavedHold(raw, raw_non_trainable, digest, statistics)
+        self._set_untracked(_pending_store=None, _loaded_hold=hold)
 
     def _finish_non_trainable_load(self):
         pending = self._pending_non_trainable
@@ -238,6 +276,7 @@ class AverageSaving:
             self.non_trainable_averager, pending, NON_TRAINABLE, self.name
         )
         self._set_untracked(_pending_non_trainable=None)
-        if self._loaded_hold is not None:
-            trainable_raw, _, digest = self._loaded_hold
-            self._set_untracked(_loaded_hold=(trainable_raw, raw, digest))
+        hold = self._loaded_hold
+        if hold is not None:
+            hold = dataclasses.replace(hold, raw_non_trainable=raw)
+            self._set_untracked(_loaded_hold=hold)

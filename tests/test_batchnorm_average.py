@@ -495,3 +495,42 @@ def test_the_average_of_constrained_weights_satisfies_the_constraint(constraint)
         assert column_norms.max() <= 0.5 + 1e-6
     else:
         np.testing.assert_allclose(column_norms, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_file_saved_holding_recomputed_statistics_resumes_from_raw_ones(
+    tmp_path, suffix
+):
+    model = compiled()
+    x, y = data()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras_ema.EMASwap(batchnorm_data=x, batchnorm_steps=2)],
+    )
+    held = values(model.weights)  # the average, with recomputed statistics
+    path = str(tmp_path / f"held{suffix}")
+    if suffix == ".keras":
+        model.save(path)
+        loaded = keras.models.load_model(path)
+    else:
+        model.save_weights(path)
+        loaded = compiled(seed=5)
+        loaded.load_weights(path)
+    assert_bit_equal(values(loaded.weights), held, "loaded")
+    keras_ema.EMASwap.restore_raw_weights(model)
+    raw = values(model.weights)
+    # Training the loaded model starts from the raw weights and the raw
+    # model's statistics, bit for bit: the first batch sees them.
+    seen = {}
+
+    class FirstBatch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.setdefault("weights", values(self.model.weights))
+
+    loaded.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[FirstBatch()])
+    assert_bit_equal(seen["weights"], raw, "the first step starts from")

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -18,7 +19,12 @@ SCRIPT = textwrap.dedent(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras, numpy as np, keras_ema
 
-    workdir = sys.argv[1]
+    workdir, statistics = sys.argv[1], sys.argv[2]
+    # "average": BatchNorm statistics averaged; "recompute": recomputed for
+    # the average by EMASwap from two batches of x.
+    swap_kwargs = (
+        {"batchnorm_data": x, "batchnorm_steps": 2}
+        if statistics == "recompute" else {})
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype("float32")
     y = (x[:, :1] > 0).astype("float32")
@@ -40,20 +46,24 @@ SCRIPT = textwrap.dedent(
             x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
             validation_data=(x[:32], y[:32]),
             callbacks=[keras_ema.EMASwap(evaluate="both",
-                                         on_train_end="raw")])
+                                         on_train_end="raw", **swap_kwargs)])
         averagers = [optimizer.averager, optimizer.non_trainable_averager]
         replicas = [[[r.numpy().tolist() for r in
                       strategy.experimental_local_results(s.value)]
                      for s in a.shadows] for a in averagers]
-        with keras_ema.ema_weights(model):
+        before = [w.tolist() for w in model.get_weights()]
+        bn_data = {"batchnorm_data": x, "batchnorm_steps": 2} if swap_kwargs else {}
+        with keras_ema.ema_weights(model, **bn_data):
             averaged = model.predict(x, verbose=0).tolist()
         raw = model.predict(x, verbose=0).tolist()
+        intact = before == [w.tolist() for w in model.get_weights()]
         path = os.path.join(workdir, tag)
-        keras_ema.export_saved_model(model, path)
+        keras_ema.export_saved_model(model, path, **bn_data)
         loaded = tf.saved_model.load(path)  # kept alive while serving
         served = loaded.serve(x).numpy().tolist()
         return {"history": history.history, "replicas": replicas,
-                "averaged": averaged, "raw": raw, "served": served}
+                "averaged": averaged, "raw": raw, "served": served,
+                "intact": intact}
 
     print(json.dumps({
         "single": run(tf.distribute.get_strategy(), "single"),
@@ -64,11 +74,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_with_callbacks_and_export(tmp_path):
+# One process per mode: TF cannot run a second MirroredStrategy with
+# synchronized BatchNorm in the process of a first (collective keys clash).
+@pytest.mark.parametrize("statistics", ["average", "recompute"])
+def test_mirrored_strategy_with_callbacks_and_export(tmp_path, statistics):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(tmp_path), statistics],
         capture_output=True,
         text=True,
         timeout=300,
@@ -95,6 +108,8 @@ def test_mirrored_strategy_with_callbacks_and_export(tmp_path):
         )
     # ema_weights and the export under the strategy give the averaged model.
     for run in (single, mirrored):
+        # The raw model, statistics included, is back after ema_weights.
+        assert run["intact"]
         np.testing.assert_allclose(run["served"], run["averaged"], atol=1e-6)
         assert np.abs(np.array(run["averaged"]) - np.array(run["raw"])).max() > 1e-4
     np.testing.assert_allclose(mirrored["averaged"], single["averaged"], atol=1e-5)
