@@ -265,7 +265,7 @@ class WeightHolder:
                 swap = ExactSwap(source.variables, "the loaded average")
                 swap.keep_aside(loaded.all_raw())
                 self._record(source, swap, HELD_BY_FILE, loaded.digest)
-                self._keep_loaded_statistics(loaded.statistics)
+                self._keep_loaded_statistics(loaded)
         if self._swap is not None and (
             weights_digest(self._swap.variables) != self._digest
         ):
@@ -453,12 +453,19 @@ class WeightHolder:
         raw = list(self._swap.raw_values)
         count = len(optimizer.averager.shadows)
         statistics = {}
-        if self._statistics is not None and self._statistics_recomputed:
+        if self._statistics is not None:
             paths = _statistics_paths(self._statistics.variables)
             statistics = dict(zip(paths, self._statistics.raw_values))
-        return SavedHold(raw[:count], raw[count:] or None, self._digest, statistics)
+        return SavedHold(
+            raw[:count],
+            raw[count:] or None,
+            self._digest,
+            statistics,
+            self._statistics_recomputed,
+        )
 
-    def _keep_loaded_statistics(self, statistics: dict) -> None:
+    def _keep_loaded_statistics(self, loaded: SavedHold) -> None:
+        statistics = loaded.statistics
         if not statistics:
             return
         variables = batchnorm_statistics(self.model)
@@ -467,7 +474,7 @@ class WeightHolder:
             warnings.warn(
                 "The file keeps the raw model's BatchNorm statistics, but "
                 "they do not match this model's BatchNorm layers; the "
-                "statistics loaded (recomputed for the average) stay.",
+                "statistics it loaded stay.",
                 stacklevel=3,
             )
             return
@@ -475,7 +482,7 @@ class WeightHolder:
             [by_path[p] for p in statistics], "the raw BatchNorm statistics"
         )
         self._statistics.keep_aside(list(statistics.values()))
-        self._statistics_recomputed = True
+        self._statistics_recomputed = loaded.recomputed
 
     # -------------------------------------------------------------- private
 

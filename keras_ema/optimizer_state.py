@@ -22,6 +22,7 @@ TRAINABLE = ""
 NON_TRAINABLE = "non_trainable"
 STATISTICS = "statistics"
 DIGEST_KEY = "held_digest"
+RECOMPUTED_KEY = "statistics_recomputed"
 
 
 @dataclasses.dataclass
@@ -34,14 +35,17 @@ class SavedHold:
             the optimizer averages them (None until they are known).
         digest: The digest of the weights the model held (the average).
         statistics: The raw model's BatchNorm statistics kept aside while
-            the model held statistics recomputed for its average, by path
-            (see `WeightHolder.hold_to_save`); empty if none.
+            the model held its average, by path (see
+            `WeightHolder.hold_to_save`); empty if none are kept aside.
+        recomputed: Whether the statistics held were recomputed for the
+            average.
     """
 
     raw: list
     raw_non_trainable: list | None
     digest: bytes | None
     statistics: dict
+    recomputed: bool = False
 
     def all_raw(self) -> list:
         """The raw values aligned with the optimizer's averaged variables."""
@@ -65,11 +69,12 @@ def save_average(averager, store, prefix: str, raw_values=None) -> None:
             store[store_key(prefix, "raw", path)] = np.asarray(raw)
 
 
-def split_store(store) -> tuple[dict, dict, bytes | None, dict]:
-    """`(trainable entries, non-trainable entries, held digest, statistics)`
-    of a store; statistics keyed by path."""
+def split_store(store) -> tuple[dict, dict, bytes | None, dict, bool]:
+    """`(trainable entries, non-trainable entries, held digest, statistics,
+    recomputed)` of a store; statistics keyed by path."""
     entries = {key: np.asarray(store[key]) for key in store.keys()}
     digest = entries.pop(DIGEST_KEY, None)
+    recomputed = bool(entries.pop(RECOMPUTED_KEY, False))
     prefix = store_key(STATISTICS, "raw", "")
     statistics = {
         key[len(prefix) :].replace("|", "/"): entries.pop(key)
@@ -83,13 +88,15 @@ def split_store(store) -> tuple[dict, dict, bytes | None, dict]:
         key: value for key, value in entries.items() if key not in non_trainable
     }
     digest = None if digest is None else digest.tobytes()
-    return trainable, non_trainable, digest, statistics
+    return trainable, non_trainable, digest, statistics, recomputed
 
 
-def save_statistics(store, statistics: dict) -> None:
+def save_statistics(store, statistics: dict, recomputed: bool) -> None:
     """Writes the kept-aside BatchNorm statistics, `{path: value}`."""
     for path, value in statistics.items():
         store[store_key(STATISTICS, "raw", path)] = np.asarray(value)
+    if recomputed:
+        store[RECOMPUTED_KEY] = np.asarray(True)
 
 
 def digest_entry(digest: bytes) -> np.ndarray:
@@ -187,10 +194,12 @@ class AverageSaving:
     def save_own_variables(self, store):
         # The wrapped optimizer saves its own state (Keras walks into it).
         if self._pending_store is not None:
-            trainable, non_trainable, digest, statistics = self._pending_store
+            trainable, non_trainable, digest, statistics, recomputed = (
+                self._pending_store
+            )
             for key, value in {**trainable, **non_trainable}.items():
                 store[key] = value
-            save_statistics(store, statistics)
+            save_statistics(store, statistics, recomputed)
             if digest is not None:
                 store[DIGEST_KEY] = digest_entry(digest)
             return
@@ -204,7 +213,7 @@ class AverageSaving:
                 non_trainable, store, NON_TRAINABLE, hold and hold.raw_non_trainable
             )
         if hold is not None:
-            save_statistics(store, hold.statistics)
+            save_statistics(store, hold.statistics, hold.recomputed)
             store[DIGEST_KEY] = digest_entry(hold.digest)
 
     def _hold_to_save(self) -> SavedHold | None:
@@ -241,7 +250,7 @@ class AverageSaving:
             return
         self._load_entries(*entries)
 
-    def _load_entries(self, trainable, non_trainable, digest, statistics):
+    def _load_entries(self, trainable, non_trainable, digest, statistics, recomputed):
         averager = self.non_trainable_averager
         if averager is None and non_trainable:
             raise ValueError(
@@ -265,7 +274,7 @@ class AverageSaving:
                 self._set_untracked(_pending_non_trainable=non_trainable)
         hold = None
         if raw is not None:
-            hold = SavedHold(raw, raw_non_trainable, digest, statistics)
+            hold = SavedHold(raw, raw_non_trainable, digest, statistics, recomputed)
         self._set_untracked(_pending_store=None, _loaded_hold=hold)
 
     def _finish_non_trainable_load(self):

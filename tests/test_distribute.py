@@ -20,14 +20,14 @@ SCRIPT = textwrap.dedent(
     import keras, numpy as np, keras_ema
 
     workdir, statistics = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
     # "average": BatchNorm statistics averaged; "recompute": recomputed for
     # the average by EMASwap from two batches of x.
     swap_kwargs = (
         {"batchnorm_data": x, "batchnorm_steps": 2}
         if statistics == "recompute" else {})
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 6)).astype("float32")
-    y = (x[:, :1] > 0).astype("float32")
 
     def run(strategy, tag):
         with strategy.scope():

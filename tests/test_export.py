@@ -504,5 +504,10 @@ def test_model_without_average(tmp_path, trained_first):
     assert_bit_identical(values(model.variables), before)
     served, info = serve(path, x)
     assert max_error([served], [predict_with(model, before, x)]) < 1e-6
-    assert info == {"weights": "raw", "average": {}, "held_by": None}
+    assert info == {
+        "weights": "raw",
+        "average": {},
+        "held_by": None,
+        "batchnorm_statistics": None,
+    }
     assert listing(tmp_path) == ["m"]

@@ -7,6 +7,8 @@ to every shadow, in the replica or cross-replica context of a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -155,3 +157,22 @@ class ShadowUpdater:
             self.strategy.extended.update(
                 tf_variable(shadow), fn, args=args, group=False
             )
+
+
+def training_forward(model) -> Callable:
+    """`model(x, training=True)` as a `tf.function`, made once per model.
+
+    Kept on the model (untracked, like its holder), so that recomputing
+    BatchNorm statistics at every validation traces once. The layers'
+    settings at the first call are baked into the trace; `BatchNormData`
+    always calls it with the same ones.
+    """
+    forward = model.__dict__.get("_keras_ema_training_forward")
+    if forward is None:
+
+        def call(x):
+            model(x, training=True)
+
+        forward = tf.function(call, reduce_retracing=True)
+        object.__setattr__(model, "_keras_ema_training_forward", forward)
+    return forward
