@@ -534,3 +534,37 @@ def test_file_saved_holding_recomputed_statistics_resumes_from_raw_ones(
 
     loaded.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[FirstBatch()])
     assert_bit_equal(seen["weights"], raw, "the first step starts from")
+
+
+def test_early_stopping_keeps_the_best_average_with_its_statistics():
+    model = compiled()
+    x, y = data()
+
+    class RecordAll(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.weights = values(self.model.weights)
+
+    last = RecordAll()
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=1, restore_best_weights=True, mode="max"
+    )  # "max" of a falling loss: the first epoch is the best
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+        validation_data=data(n=16, seed=2),
+        callbacks=[
+            last,
+            keras_ema.EMASwap(batchnorm_data=x, batchnorm_steps=2),
+            stop,
+        ],
+    )
+    assert stop.best_epoch == 0
+    # It holds what it validated at its best epoch: that epoch's average and
+    # the statistics recomputed for it.
+    assert_bit_equal(values(model.weights), stop.best_weights, "held")
+    keras_ema.EMASwap.restore_raw_weights(model)
+    assert_bit_equal(values(model.weights), last.weights, "raw after")

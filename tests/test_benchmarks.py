@@ -27,3 +27,9 @@ def test_overhead_quick():
     for heading in ("Training step", "Isolated update", "Graph ops"):
         assert heading in out, out[-3000:]
     assert "kema k=10" in out
+
+
+def test_batchnorm_quick():
+    out = run_quick("batchnorm.py")
+    for heading in ("avg recomputed", "s per recompute"):
+        assert heading in out, out[-3000:]
