@@ -85,6 +85,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 import keras  # noqa: E402
+from tables import print_table  # noqa: E402
 
 import keras_ema  # noqa: E402
 from keras_ema.batchnorm import (  # noqa: E402
@@ -372,33 +373,6 @@ def mean_std(values, scale=100.0, digits=1):
     if len(values) < 2:
         return f"{values.mean():.{digits}f}"
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-
-def print_table(headers, rows, align):
-    """A markdown table, columns padded; `align` is 'l' or 'r' per column."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return (
-            "| "
-            + " | ".join(
-                c.rjust(w) if a == "r" else c.ljust(w)
-                for c, w, a in zip(cells, widths, align)
-            )
-            + " |"
-        )
-
-    print(line(headers))
-    print(
-        "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
-            for w, a in zip(widths, align)
-        )
-        + "|"
-    )
-    for row in rows:
-        print(line(row))
 
 
 def column_values(runs, epochs, main_steps):

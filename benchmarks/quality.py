@@ -65,6 +65,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 import keras  # noqa: E402
+from tables import print_table  # noqa: E402
 
 import keras_ema  # noqa: E402
 
@@ -197,28 +198,6 @@ def signed_mean_std(values, scale=100.0):
     if len(values) < 2:
         return f"{values.mean():+5.1f}"
     return f"{values.mean():+5.1f} ± {values.std(ddof=1):3.1f}"
-
-
-def print_table(headers, rows, align):
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        out = []
-        for cell, width, a in zip(cells, widths, align):
-            out.append(cell.rjust(width) if a == "r" else cell.ljust(width))
-        return "| " + " | ".join(out) + " |"
-
-    print(line(headers))
-    print(
-        "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2))
-            for w, a in zip(widths, align)
-        )
-        + "|"
-    )
-    for row in rows:
-        print(line(row))
 
 
 def noise_name(rate):
