@@ -20,11 +20,14 @@ from helpers import RecordWeights, assert_bit_equal, reference_average, values
 
 import keras_ema
 from keras_ema.advice import initial_share
+from keras_ema.batchnorm import DEFAULT_BATCH_SIZE
 
 DECAY = 0.8
 BATCH = 8
 EPS = 1e-3  # BatchNormalization's default epsilon
 STATS_TOLERANCE = 2e-5  # float32 sums over a few batches, against float64
+# Arrays are cut into batches of this size (the documented default).
+ARRAY_BATCH = DEFAULT_BATCH_SIZE
 
 
 def bn_model(seed=0):
@@ -142,16 +145,16 @@ def assert_statistics_close(actual, expected):
 )
 def test_ema_weights_recomputes_statistics_for_the_average(form):
     model = trained()
-    x, y = data(seed=3)
+    x, y = data(n=160, seed=3)  # batches of 64, 64 and 32
     batch_data = {
         "array": x,
         "x_y": (x, y),
         "x_y_w": (x, y, np.ones(len(x), "float32")),
         "dataset_x_y": tf.data.Dataset.from_tensor_slices((x, y)).batch(16),
         "dataset_x": tf.data.Dataset.from_tensor_slices(x).batch(16),
-        "generator": [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)],
+        "generator": [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16)],
     }[form]
-    batch_size = 32 if form in ("array", "x_y", "x_y_w") else 16
+    batch_size = ARRAY_BATCH if form in ("array", "x_y", "x_y_w") else 16
     steps = 2
     average = layer_weights(model, averaged_weights(model))
     expected = recomputed_statistics(average, x, batch_size, steps)
@@ -193,6 +196,7 @@ def test_emaswap_validates_the_average_with_recomputed_statistics():
     model = compiled()
     x, y = data()
     x_val, y_val = data(n=16, seed=2)
+    bn_x, bn_y = data(n=160, seed=3)
     record = RecordWeights()
 
     class RecordAll(keras.callbacks.Callback):
@@ -214,7 +218,7 @@ def test_emaswap_validates_the_average_with_recomputed_statistics():
             keras_ema.EMASwap(
                 evaluate="both",
                 on_train_end="raw",
-                batchnorm_data=(x, y),
+                batchnorm_data=(bn_x, bn_y),
                 batchnorm_steps=3,
             ),
         ],
@@ -223,7 +227,7 @@ def test_emaswap_validates_the_average_with_recomputed_statistics():
     # The average itself is checked against the recorded trajectory
     # elsewhere; here, what validation did with it.
     average = layer_weights(model, averaged_weights(model))
-    statistics = recomputed_statistics(average, x, 32, 3)
+    statistics = recomputed_statistics(average, bn_x, ARRAY_BATCH, 3)
     expected_val = float(
         np.mean((numpy_forward(average, x_val, statistics)[0] - y_val) ** 2)
     )
@@ -242,10 +246,10 @@ def test_emaswap_validates_the_average_with_recomputed_statistics():
 
 def test_evaluate_with_emaswap_recomputes_then_restores():
     model = trained()
-    x, y = data(seed=3)
+    x, y = data(n=160, seed=3)
     before = values(model.weights)
     average = layer_weights(model, averaged_weights(model))
-    statistics = recomputed_statistics(average, x, 32, 2)
+    statistics = recomputed_statistics(average, x, ARRAY_BATCH, 2)
     loss = model.evaluate(
         x,
         y,
@@ -261,6 +265,7 @@ def test_evaluate_with_emaswap_recomputes_then_restores():
 def test_export_and_checkpoint_carry_statistics_of_the_average(tmp_path):
     model = compiled()
     x, y = data()
+    bn_x, _ = data(n=160, seed=3)
     path = str(tmp_path / "ema.keras")
     model.fit(
         x,
@@ -271,17 +276,17 @@ def test_export_and_checkpoint_carry_statistics_of_the_average(tmp_path):
         shuffle=False,
         callbacks=[
             keras_ema.EMACheckpoint(
-                path, monitor="loss", batchnorm_data=x, batchnorm_steps=2
+                path, monitor="loss", batchnorm_data=bn_x, batchnorm_steps=2
             ),
         ],
     )
     average = layer_weights(model, averaged_weights(model))
-    statistics = recomputed_statistics(average, x, 32, 2)
+    statistics = recomputed_statistics(average, bn_x, ARRAY_BATCH, 2)
     saved = keras.models.load_model(path)
     assert_statistics_close(held_statistics(saved), statistics)
     before = values(model.weights)
     keras_ema.export_saved_model(
-        model, tmp_path / "export", batchnorm_data=x, batchnorm_steps=2
+        model, tmp_path / "export", batchnorm_data=bn_x, batchnorm_steps=2
     )
     assert_bit_equal(values(model.weights), before, "after export")
     served = tf.saved_model.load(str(tmp_path / "export"))
