@@ -5,6 +5,7 @@ Each entry says why no public API does the job.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import keras
@@ -68,6 +69,23 @@ def _uses(model, optimizer) -> bool:
     while candidate is not None and candidate is not optimizer:
         candidate = getattr(candidate, "inner_optimizer", None)
     return candidate is optimizer
+
+
+class CheckpointWithSaveHook(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` with a context manager around every save.
+
+    Every save, whatever `save_freq`, `save_best_only` or the format, goes
+    through `ModelCheckpoint`'s private `_save_model`; there is no public
+    hook between "this checkpoint will be written" and writing it.
+    """
+
+    def saving(self) -> contextlib.AbstractContextManager:
+        """The context the model is saved in (subclasses override it)."""
+        return contextlib.nullcontext()
+
+    def _save_model(self, epoch, batch, logs):
+        with self.saving():
+            super()._save_model(epoch, batch, logs)
 
 
 def in_legacy_h5_save() -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import keras
 
@@ -324,7 +326,7 @@ def _differs(averager, config) -> bool:
     )
 
 
-class EMACheckpoint(keras.callbacks.ModelCheckpoint):
+class EMACheckpoint(_compat.CheckpointWithSaveHook):
     """`ModelCheckpoint` that saves the averaged weights.
 
     Takes `ModelCheckpoint`'s arguments (`filepath` with `{epoch}` and metric
@@ -379,7 +381,9 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
         super().on_train_begin(logs)
         self._warned = False
 
-    def _save_model(self, epoch, batch, logs):
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """The average in while the checkpoint is written."""
         if (
             not self._warned
             and self.monitor.startswith("val_")
@@ -394,4 +398,4 @@ class EMACheckpoint(keras.callbacks.ModelCheckpoint):
             self._warned = True
         data, steps = self._batchnorm_args
         with ema_weights(self.model, data, steps):
-            super()._save_model(epoch, batch, logs)
+            yield

@@ -226,8 +226,10 @@ class EMAOptimizer(
 
     @property
     def variables(self):
+        # Its own (iterations, learning rate), then the wrapped optimizer's
+        # and the averages'.
         variables = (
-            self._variables[:]
+            super().variables
             + self.inner_optimizer.variables
             + self.averager.variables
         )

@@ -27,11 +27,10 @@ def tf_variable(variable) -> tf.Variable:
 
 def variable_key(variable) -> int:
     """A key that identifies a variable, the same for all its replicas."""
-    variable = tf_variable(variable)
-    container = getattr(variable, "_distributed_container", None)
-    if container is not None:
-        variable = container()
-    return id(variable)
+    # A replica sees its component of a mirrored variable; the strategy
+    # knows the mirrored variable it belongs to.
+    strategy = tf.distribute.get_strategy()
+    return id(strategy.extended.value_container(tf_variable(variable)))
 
 
 def initial_value(variable):
