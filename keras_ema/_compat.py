@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from types import FrameType
 
 import keras
 import tensorflow as tf
@@ -33,7 +34,7 @@ def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
     and must know which EarlyStopping will restore weights. The list is the
     `self` of a frame up the stack.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, keras.callbacks.CallbackList) and any(
@@ -55,7 +56,7 @@ def model_using(optimizer) -> keras.Model | None:
     (`load_model`, `load_weights`), that model is a local of a frame up the
     stack.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
             if isinstance(value, keras.Model) and _uses(value, optimizer):

@@ -196,7 +196,7 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
             return []
         return [self.step] + self._shadows
 
-    def average(self, variable):
+    def average(self, variable: keras.Variable) -> keras.Variable:
         """Returns the shadow variable holding the average of `variable`.
 
         Raises:

@@ -9,6 +9,7 @@ statistics for the averaged weights, over some training batches, fixes it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -21,6 +22,8 @@ from keras_ema.backend.tensorflow import training_forward
 # recomputed statistics score within 0.2 points of 100 batches on both
 # models; 25 leaves a 5x margin for wider models and more varied data.
 DEFAULT_BATCHNORM_STEPS = 25
+# What `batchnorm_data` may be (see `BatchNormData`).
+BatchNormInput = Any
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -63,7 +66,7 @@ class BatchNormData:
 
     def __init__(
         self,
-        data,
+        data: BatchNormInput,
         steps: int | None = DEFAULT_BATCHNORM_STEPS,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ):
@@ -94,7 +97,7 @@ class BatchNormData:
         self.batch_size = batch_size
 
     @classmethod
-    def get(cls, data, steps: int | None) -> BatchNormData | None:
+    def get(cls, data: BatchNormInput, steps: int | None) -> BatchNormData | None:
         """`BatchNormData(data, steps)`, or None when `data` is None."""
         if data is None:
             return None
@@ -155,7 +158,7 @@ class BatchNormData:
             for layer, (momentum, synchronized) in zip(layers, settings):
                 layer.momentum = momentum
                 layer.synchronized = synchronized
-        if count == 0:
+        if sums is None:
             raise ValueError("`data` yielded no batch.")
         for variable, total in zip(statistics, sums):
             variable.assign(tf.cast(total / count, variable.dtype))
@@ -164,7 +167,7 @@ class BatchNormData:
 
 def recompute_batchnorm(
     model: keras.Model,
-    data,
+    data: BatchNormInput,
     steps: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> int:
@@ -231,7 +234,7 @@ def recompute_batchnorm(
 
 
 def _is_positive_int(value) -> bool:
-    return (
+    return bool(
         isinstance(value, (int, np.integer))
         and not isinstance(value, bool)
         and (value >= 1)

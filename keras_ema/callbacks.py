@@ -11,7 +11,11 @@ import keras
 from keras_ema import _compat, schedules
 from keras_ema.advice import JudgingAdvice
 from keras_ema.averager import ExponentialMovingAverage
-from keras_ema.batchnorm import DEFAULT_BATCHNORM_STEPS, BatchNormData
+from keras_ema.batchnorm import (
+    DEFAULT_BATCHNORM_STEPS,
+    BatchNormData,
+    BatchNormInput,
+)
 from keras_ema.export import ema_weights
 from keras_ema.holder import (
     HELD_BY_EMASWAP,
@@ -110,7 +114,7 @@ class EMASwap(keras.callbacks.Callback):
         evaluate: str = "ema",
         on_train_end: str = "ema",
         swap_on_epoch: bool = True,
-        batchnorm_data=None,
+        batchnorm_data: BatchNormInput = None,
         batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
     ):
         super().__init__()
@@ -149,11 +153,11 @@ class EMASwap(keras.callbacks.Callback):
         self.swap_on_epoch = swap_on_epoch
         self._in_fit = False
         self._swapped_here = False
-        self._restorers = []
+        self._restorers: list = []
         self._advice = JudgingAdvice()
 
     @staticmethod
-    def restore_raw_weights(model) -> None:
+    def restore_raw_weights(model: keras.Model) -> None:
         """Puts the raw weights back into a model that holds its average.
 
         Training does this by itself; this is for code that reads the
@@ -178,7 +182,7 @@ class EMASwap(keras.callbacks.Callback):
         # Training starts from the raw weights, with everything it needs.
         if holder.prepare_for_training():
             self.model.make_train_function(force=True)
-        if self._check_source():
+        if self._check_source() and self._install_config is not None:
             install_average(self.model, **self._install_config)
         self._restorers = [
             c
@@ -369,7 +373,7 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
     def __init__(
         self,
         *args,
-        batchnorm_data=None,
+        batchnorm_data: BatchNormInput = None,
         batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
         **kwargs,
     ):

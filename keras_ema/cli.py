@@ -114,6 +114,8 @@ def _custom_objects(path):
     if not os.path.isfile(path):
         raise CommandError(f"--custom-objects {path}: no such file")
     spec = importlib.util.spec_from_file_location("keras_ema_custom_objects", path)
+    if spec is None or spec.loader is None:
+        raise CommandError(f"--custom-objects {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -248,8 +250,8 @@ def _posthoc(args):
         coefficients, error = posthoc.load_into(
             model, args.directory, args.sigma_rel, args.step
         )
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    except ValueError as problem:
+        raise CommandError(str(problem)) from None
     path = export_saved_model(model, args.out, weights="raw", overwrite=args.overwrite)
     print(
         f"wrote {path}: sigma_rel {args.sigma_rel} from {len(coefficients)} "

@@ -9,12 +9,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 from keras_ema import _compat
-from keras_ema.batchnorm import DEFAULT_BATCHNORM_STEPS, BatchNormData
+from keras_ema.batchnorm import (
+    DEFAULT_BATCHNORM_STEPS,
+    BatchNormData,
+    BatchNormInput,
+)
 from keras_ema.holder import HELD_BY_CONTEXT, WeightHolder
 
 EXPORT_WEIGHTS = ("ema", "raw")
@@ -23,7 +28,7 @@ EXPORT_WEIGHTS = ("ema", "raw")
 @contextlib.contextmanager
 def ema_weights(
     model: keras.Model,
-    batchnorm_data=None,
+    batchnorm_data: BatchNormInput = None,
     batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
 ) -> Iterator[keras.Model]:
     """Context manager: the model holds its averaged weights inside.
@@ -89,8 +94,8 @@ def export_saved_model(
     path: str | os.PathLike,
     weights: str = "ema",
     overwrite: bool = False,
-    input_signature=None,
-    batchnorm_data=None,
+    input_signature: Any = None,
+    batchnorm_data: BatchNormInput = None,
     batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
 ) -> str:
     """Exports a TensorFlow SavedModel for serving, with the averaged weights.

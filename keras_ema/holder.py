@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import keras
 
@@ -70,7 +71,7 @@ def optimizer_chain(optimizer) -> list:
     return chain
 
 
-def ema_optimizer_of(model) -> EMAOptimizer | None:
+def ema_optimizer_of(model: keras.Model) -> EMAOptimizer | None:
     """The `EMAOptimizer` in the model's optimizer chain, built or not."""
     for candidate in optimizer_chain(getattr(model, "optimizer", None)):
         if isinstance(candidate, EMAOptimizer):
@@ -196,16 +197,16 @@ class WeightHolder:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.held_by = None
+        self.held_by: str | None = None
         self.emaswap_in_fit = False
         self._warned_custom_compile = False
-        self._swap = None
-        self._source = None
-        self._digest = None
+        self._swap: ExactSwap | None = None
+        self._source: AverageSource | None = None
+        self._digest: bytes | None = None
         # The raw model's BatchNorm statistics, kept aside while the average
         # is in (unless they are averaged, and so in `_swap`): statistics
         # recomputed for the average must not stay in the raw model.
-        self._statistics = None
+        self._statistics: ExactSwap | None = None
         self._statistics_recomputed = False
 
     @classmethod
@@ -248,7 +249,7 @@ class WeightHolder:
         """The raw values of the averaged variables, wherever they are now."""
         self.reconcile()
         if self._swap is not None:
-            return list(self._swap.raw_values)
+            return list(self._swap.kept)
         return [v.value for v in self.require_source().variables]
 
     def reconcile(self) -> None:
@@ -284,14 +285,15 @@ class WeightHolder:
         already.
         """
         self.reconcile()
-        swapped = self._swap is None
-        if swapped:
+        swap = self._swap
+        swapped = swap is None
+        if swap is None:
             source = self.require_source()
             swap = ExactSwap(source.variables, "the average")
             swap.swap_in(served_values(source.variables, source.shadows))
             self._record(source, swap, held_by)
         if self._statistics is None:
-            averaged = {id(v) for v in self._swap.variables}
+            averaged = {id(v) for v in swap.variables}
             statistics = [
                 v for v in batchnorm_statistics(self.model) if id(v) not in averaged
             ]
@@ -315,7 +317,8 @@ class WeightHolder:
             return None
         if self._statistics_recomputed:
             return "recomputed"
-        return "raw" if self._statistics.variables else "averaged"
+        statistics = self._statistics
+        return "raw" if statistics is not None and statistics.variables else "averaged"
 
     def statistics_rewritten(self) -> None:
         """Records that keras_ema rewrote the BatchNorm statistics it holds.
@@ -354,12 +357,15 @@ class WeightHolder:
         the average's.
         """
         self.swap_in(HELD_BY_EARLY_STOPPING)
+        swap, source = self._swap, self._source
+        if swap is None or source is None:
+            raise RuntimeError("The average went in, yet the holder lost it.")
         index = {id(v): i for i, v in enumerate(self.model.weights)}
         # The statistics it kept too: those it was validated with.
         statistics = self._statistics.variables if self._statistics else []
-        for variable in self._swap.variables + statistics:
+        for variable in swap.variables + statistics:
             variable.assign(values[index[id(variable)]])
-        self._record(self._source, self._swap, HELD_BY_EARLY_STOPPING)
+        self._record(source, swap, HELD_BY_EARLY_STOPPING)
 
     @contextlib.contextmanager
     def holding_average(
@@ -394,7 +400,7 @@ class WeightHolder:
         held = ExactSwap(
             [v for swap in kept for v in swap.variables], "the held average"
         )
-        held.swap_in([raw for swap in kept for raw in swap.raw_values])
+        held.swap_in([raw for swap in kept for raw in swap.kept])
         try:
             yield
         finally:
@@ -448,14 +454,15 @@ class WeightHolder:
             )
             self._warned_custom_compile = True
         self.reconcile()
-        if self._swap is None or self._source.optimizer is not optimizer:
+        source = self._source
+        if self._swap is None or source is None or source.optimizer is not optimizer:
             return None
-        raw = list(self._swap.raw_values)
+        raw = list(self._swap.kept)
         count = len(optimizer.averager.shadows)
         statistics = {}
         if self._statistics is not None:
             paths = _statistics_paths(self._statistics.variables)
-            statistics = dict(zip(paths, self._statistics.raw_values))
+            statistics = dict(zip(paths, self._statistics.kept))
         return SavedHold(
             raw[:count],
             raw[count:] or None,
@@ -537,7 +544,7 @@ def _compile_is_custom(model) -> bool:
     )
 
 
-def install_average(model, **average_config) -> EMAOptimizer:
+def install_average(model: keras.Model, **average_config: Any) -> EMAOptimizer:
     """Wraps the model's optimizer in an `EMAOptimizer` (for `EMASwap(decay)`).
 
     The train function is rebuilt so that the average's update runs inside

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 
@@ -126,7 +128,7 @@ class EMAOptimizer(
                 f"`non_trainable` must be one of {NON_TRAINABLE_MODES}, got "
                 f"{non_trainable!r}."
             )
-        config = dict(
+        config: dict[str, Any] = dict(
             decay=decay,
             update_every=update_every,
             start_step=start_step,
@@ -225,19 +227,17 @@ class EMAOptimizer(
             WeightHolder.of(model)
 
     @property
-    def variables(self):
+    def variables(self) -> list:
         # Its own (iterations, learning rate), then the wrapped optimizer's
         # and the averages'.
         variables = (
-            super().variables
-            + self.inner_optimizer.variables
-            + self.averager.variables
+            super().variables + self.inner_optimizer.variables + self.averager.variables
         )
         if self.non_trainable_averager is not None:
             variables += self.non_trainable_averager.variables
         return variables
 
-    def finalize_variable_values(self, var_list):
+    def finalize_variable_values(self, var_list: list) -> None:
         # Deliberately keeps the raw weights in the model: training resumes
         # from them, and the average is swapped in where it is wanted.
         del var_list

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import keras
 import tensorflow as tf
 
 from keras_ema.averager import ExponentialMovingAverage
@@ -16,6 +19,13 @@ class OptimizerAverages:
     not save. Needs `averager`, `non_trainable_averager`, `_attached`,
     `_set_untracked` and `_finish_non_trainable_load` from the optimizer.
     """
+
+    # Provided by EMAOptimizer (declared for type checkers).
+    averager: ExponentialMovingAverage
+    non_trainable_averager: ExponentialMovingAverage | None
+    _attached: list
+    _set_untracked: Callable[..., None]
+    _finish_non_trainable_load: Callable[[], None]
 
     def attach(self, averager: ExponentialMovingAverage) -> None:
         """Updates another built average at every step, after this one's.
@@ -65,7 +75,7 @@ class OptimizerAverages:
             averagers.append(self.non_trainable_averager)
         return [a for a in averagers if a.built]
 
-    def track_non_trainable(self, variables) -> None:
+    def track_non_trainable(self, variables: Sequence) -> None:
         """Averages the model's float non-trainable variables too.
 
         For `non_trainable="average"`: `fit` calls it with
@@ -93,7 +103,7 @@ class OptimizerAverages:
             averager.step.assign(self.averager.step)
         self._finish_non_trainable_load()
 
-    def average(self, variable):
+    def average(self, variable: keras.Variable) -> keras.Variable:
         """Returns the shadow variable holding the average of `variable`."""
         return self.averager.average(variable)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import keras
 import numpy as np
@@ -31,12 +32,12 @@ BUILD_TIME = {
 CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue")
 
 
-def _forwarded(name):
-    def fget(self):
+def _forwarded(name: str) -> property:
+    def fget(self: InnerOptimizerForwarding) -> Any:
         target = self._configured_optimizer()
         return FORWARDED_DEFAULTS[name] if target is None else getattr(target, name)
 
-    def fset(self, value):
+    def fset(self: InnerOptimizerForwarding, value: Any) -> None:
         self._set_forwarded(name, value)
 
     return property(
@@ -72,6 +73,16 @@ class InnerOptimizerForwarding:
     `compile`), since Keras reads them while tracing.
     """
 
+    # Provided by EMAOptimizer (declared for type checkers).
+    name: str
+    built: bool
+    inner_optimizer: Any
+
+    if TYPE_CHECKING:
+
+        @property
+        def variables(self) -> list: ...
+
     weight_decay = _forwarded("weight_decay")
     clipnorm = _forwarded("clipnorm")
     global_clipnorm = _forwarded("global_clipnorm")
@@ -82,20 +93,20 @@ class InnerOptimizerForwarding:
     gradient_accumulation_steps = _forwarded("gradient_accumulation_steps")
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> Any:
         """The wrapped optimizer's learning rate (schedules see its steps)."""
         return self.inner_optimizer.learning_rate
 
     @learning_rate.setter
-    def learning_rate(self, learning_rate) -> None:
+    def learning_rate(self, learning_rate: Any) -> None:
         self.inner_optimizer.learning_rate = learning_rate
 
     @property
-    def iterations(self):
+    def iterations(self) -> keras.Variable:
         """The wrapped optimizer's count of the updates it applied."""
         return self.inner_optimizer.iterations
 
-    def scale_loss(self, loss):
+    def scale_loss(self, loss: Any) -> Any:
         """The wrapped optimizer scales the loss (a `LossScaleOptimizer`)."""
         return self.inner_optimizer.scale_loss(loss)
 
@@ -103,7 +114,7 @@ class InnerOptimizerForwarding:
         self,
         var_list: Sequence | None = None,
         var_names: Sequence[str] | None = None,
-    ):
+    ) -> None:
         """Excludes variables from the wrapped optimizer's weight decay.
 
         Keras's own method would record the exclusions on the wrapper, which
@@ -177,7 +188,7 @@ class InnerOptimizerForwarding:
         # must see Keras's defaults, or it would hold a second, unused set.
         object.__setattr__(self, "_building_own_state", True)
         try:
-            super().build(variables)
+            super().build(variables)  # type: ignore[misc]  # Optimizer's
         finally:
             object.__setattr__(self, "_building_own_state", False)
 
@@ -236,13 +247,13 @@ class InnerOptimizerForwarding:
     def _refuse_inner_hyperparameter(self, name):
         if name.startswith("_") or name in vars(self) or hasattr(type(self), name):
             return
-        if name in _init_parameters(type(self)):
+        if name in _init_parameters(cast(Hashable, type(self))):
             return
         path = "optimizer"
         optimizer = vars(self).get("inner_optimizer")
         while optimizer is not None:
             path += ".inner_optimizer"
-            if name in _init_parameters(type(optimizer)):
+            if name in _init_parameters(cast(Hashable, type(optimizer))):
                 raise AttributeError(
                     f"`{name}` is a hyperparameter of the wrapped "
                     f"{type(optimizer).__name__}, which {type(self).__name__} "
@@ -294,7 +305,7 @@ def _check_like_keras(target, name, value):
 
 
 @functools.cache
-def _init_parameters(cls) -> frozenset:
+def _init_parameters(cls: Any) -> frozenset:
     """The named arguments of `cls.__init__`: its hyperparameters."""
     try:
         parameters = inspect.signature(cls.__init__).parameters.values()

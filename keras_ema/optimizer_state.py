@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,8 +89,8 @@ def split_store(store) -> tuple[dict, dict, bytes | None, dict, bool]:
     trainable = {
         key: value for key, value in entries.items() if key not in non_trainable
     }
-    digest = None if digest is None else digest.tobytes()
-    return trainable, non_trainable, digest, statistics, recomputed
+    held_digest = None if digest is None else digest.tobytes()
+    return trainable, non_trainable, held_digest, statistics, recomputed
 
 
 def save_statistics(store, statistics: dict, recomputed: bool) -> None:
@@ -156,6 +158,25 @@ class AverageSaving:
     the averaged weights.
     """
 
+    # Provided by EMAOptimizer and its other parts (declared for type
+    # checkers).
+    name: str
+    built: bool
+    averager: Any
+    non_trainable_averager: Any
+
+    if TYPE_CHECKING:
+
+        @property
+        def averagers(self) -> list: ...
+
+    _pending_store: tuple | None
+    _pending_non_trainable: dict | None
+    _loaded_hold: SavedHold | None
+    _holder_ref: Any
+    _set_untracked: Callable[..., None]
+    _introduce_to_model: Callable[[], None]
+
     def _init_saving(self):
         self._set_untracked(
             _pending_store=None,
@@ -171,7 +192,7 @@ class AverageSaving:
             self._pending_non_trainable is not None
         )
 
-    def set_holder(self, holder) -> None:
+    def set_holder(self, holder: Any) -> None:
         """Tells the optimizer which `WeightHolder` holds its average in."""
         self._set_untracked(_holder_ref=weakref.ref(holder))
 
@@ -191,7 +212,7 @@ class AverageSaving:
         if self._loaded_hold is not None:
             raise RuntimeError(LOADED_WHILE_HOLDING_AVERAGE)
 
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: Any) -> None:
         # The wrapped optimizer saves its own state (Keras walks into it).
         if self._pending_store is not None:
             trainable, non_trainable, digest, statistics, recomputed = (
@@ -214,14 +235,15 @@ class AverageSaving:
             )
         if hold is not None:
             save_statistics(store, hold.statistics, hold.recomputed)
-            store[DIGEST_KEY] = digest_entry(hold.digest)
+            if hold.digest is not None:
+                store[DIGEST_KEY] = digest_entry(hold.digest)
 
     def _hold_to_save(self) -> SavedHold | None:
         holder = self._holder_ref() if self._holder_ref is not None else None
         hold = holder.hold_to_save(self) if holder is not None else None
         return hold if hold is not None else self._loaded_hold
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: Any) -> None:
         self._introduce_to_model()
         found = set(store.keys())
         if found and all(key.isdigit() for key in found):

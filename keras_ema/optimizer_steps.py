@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
@@ -15,6 +17,10 @@ class InnerSteps:
     no update: then the average must not move either.
     """
 
+    # Provided by EMAOptimizer (declared for type checkers).
+    inner_optimizer: Any
+    _outer_loss_scaling: bool
+
     # A LossScaleOptimizer wrapping this one sets `loss_scale_factor = None` on
     # it, meaning "I own loss scaling now". If this optimizer wraps a
     # LossScaleOptimizer too (EMAOptimizer(LossScaleOptimizer(opt)) compiled
@@ -22,7 +28,7 @@ class InnerSteps:
     # gradients would be unscaled twice. Keras skips `x.attr = value` when
     # `x.attr is value` already, so the getter reports the inner scale.
     @property
-    def loss_scale_factor(self):
+    def loss_scale_factor(self) -> Any:
         """The loss scale of a wrapped `LossScaleOptimizer` still in charge."""
         inner = getattr(self, "inner_optimizer", None)
         outer = getattr(self, "_outer_loss_scaling", False)
@@ -31,7 +37,7 @@ class InnerSteps:
         return None
 
     @loss_scale_factor.setter
-    def loss_scale_factor(self, value):
+    def loss_scale_factor(self, value: Any) -> None:
         if value is not None:
             raise ValueError(
                 "EMAOptimizer does not take `loss_scale_factor`; set it on the "

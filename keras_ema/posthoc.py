@@ -22,15 +22,18 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
+from numpy.typing import ArrayLike
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.holder import ema_optimizer_of, install_average
 from keras_ema.shadows import relative_paths
 
+PathLike = str | os.PathLike
 SNAPSHOT_DTYPES = ("float16", "float32")
 _SNAPSHOT = re.compile(r"^phema-(?P<sigma_rel>\d+\.\d+)-(?P<step>\d+)\.npz$")
 MODEL_FILE = "model.keras"
@@ -39,7 +42,9 @@ MODEL_FILE = "model.keras"
 # --------------------------------------------------------------- profile math
 
 
-def profile_inner_product(t_a, gamma_a, t_b, gamma_b):
+def profile_inner_product(
+    t_a: ArrayLike, gamma_a: ArrayLike, t_b: ArrayLike, gamma_b: ArrayLike
+) -> np.ndarray:
     """<p_{t_a,gamma_a}, p_{t_b,gamma_b}>, the L2 inner product of two profiles.
 
     In closed form, with m = min(t_a, t_b):
@@ -68,7 +73,9 @@ def profile_inner_product(t_a, gamma_a, t_b, gamma_b):
     )
 
 
-def solve_coefficients(steps, gammas, target_step, target_gamma):
+def solve_coefficients(
+    steps: ArrayLike, gammas: ArrayLike, target_step: float, target_gamma: float
+) -> tuple[np.ndarray, float]:
     """Least-squares coefficients of snapshot profiles for a target profile.
 
     Solves `A x = b` with `A_ij = <p_i, p_j>` and `b_i = <p_i, p_target>` in
@@ -101,7 +108,7 @@ def snapshot_name(sigma_rel: float, step: int) -> str:
     return f"phema-{sigma_rel:.6f}-{step:010d}.npz"
 
 
-def list_snapshots(directory) -> list[tuple[float, int, str]]:
+def list_snapshots(directory: PathLike) -> list[tuple[float, int, str]]:
     """The snapshots in `directory` as `(sigma_rel, step, path)`, sorted."""
     if not os.path.isdir(directory):
         raise ValueError(f"`directory` {directory!r} does not exist.")
@@ -227,8 +234,9 @@ class PostHocEMA(keras.callbacks.Callback):
         self.dtype = dtype
         self.update_every = update_every
         self.max_disk_bytes = max_disk_bytes
-        self.averagers = None
-        self._optimizer = None
+        # One average per profile, built at the first `fit`.
+        self.averagers: list[ExponentialMovingAverage] = []
+        self._optimizer: Any = None
         self._model_saved = False
         self._last_snapshot = 0
 
@@ -237,9 +245,8 @@ class PostHocEMA(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         optimizer = self._optimizer = _ensure_ema_optimizer(model)
         variables = model.trainable_variables
-        if self.averagers is None:
+        if not self.averagers:
             with model.distribute_strategy.scope():
-                self.averagers = []
                 for profile in self.profiles:
                     averager = ExponentialMovingAverage(
                         decay=profile,
@@ -386,7 +393,9 @@ def _load_snapshot(averager, snapshot):
 # ------------------------------------------------------------ reconstruction
 
 
-def reconstruct(directory, sigma_rel: float, step: int | None = None):
+def reconstruct(
+    directory: PathLike, sigma_rel: float, step: int | None = None
+) -> tuple[dict[str, np.ndarray], list[tuple[float, int, float]], float]:
     """The weights of the power-function average of `sigma_rel` at `step`.
 
     Uses only snapshots taken at or before `step` (default: the last
@@ -418,7 +427,7 @@ def reconstruct(directory, sigma_rel: float, step: int | None = None):
         raise ValueError(f"No snapshot in {directory!r} at or before step {step}.")
     gammas = [schedules.sigma_rel_to_gamma(s[0]) for s in used]
     coefficients, error = solve_coefficients([s[1] for s in used], gammas, step, gamma)
-    weights = None
+    weights: dict | None = None
     for coefficient, (_, _, path) in zip(coefficients, used):
         snapshot = _read_snapshot(path)
         arrays = {
@@ -431,12 +440,16 @@ def reconstruct(directory, sigma_rel: float, step: int | None = None):
         else:
             for key, value in arrays.items():
                 weights[key] += coefficient * value
+    if weights is None:
+        raise ValueError("No snapshot to combine.")
     weights = {key: value.astype(np.float32) for key, value in weights.items()}
     table = [(s[0], s[1], float(c)) for s, c in zip(used, coefficients)]
     return weights, table, error
 
 
-def load_into(model: keras.Model, directory, sigma_rel: float, step: int | None = None):
+def load_into(
+    model: keras.Model, directory: PathLike, sigma_rel: float, step: int | None = None
+) -> tuple[list[tuple[float, int, float]], float]:
     """Assigns the reconstructed average of `sigma_rel` to `model`'s weights.
 
     Variables are matched by path relative to the model. Returns the
@@ -460,7 +473,7 @@ def load_into(model: keras.Model, directory, sigma_rel: float, step: int | None 
 
 def sweep(
     model: keras.Model,
-    directory,
+    directory: PathLike,
     sigma_rels: Sequence[float],
     evaluate_fn: Callable[[keras.Model], float],
     step: int | None = None,

@@ -514,7 +514,7 @@ def get(identifier: Any) -> DecaySchedule:
     if isinstance(identifier, numbers.Real) and not isinstance(
         identifier, bool | np.bool_
     ):
-        return Constant(identifier)
+        return Constant(float(identifier))
     if isinstance(identifier, dict):
         schedule = keras.saving.deserialize_keras_object(
             identifier, custom_objects=_SCHEDULES

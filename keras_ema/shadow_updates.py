@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keras_ema.backend.tensorflow import ShadowUpdater
+    from keras_ema.update_rule import UpdateRule
+
 import numpy as np
 import tensorflow as tf
 
@@ -16,7 +23,21 @@ class UpdatesShadows:
     `_copy_first_step`, `_set_untracked`, `is_swapped` and `_check_built`.
     """
 
-    def decay_at(self, step) -> tf.Tensor:
+    # Provided by ExponentialMovingAverage (declared for type checkers).
+    name: str
+    step: Any
+    is_swapped: bool
+    update_every: int
+    start_step: int
+    _rule: UpdateRule
+    _updater: ShadowUpdater
+    _shadows: list
+    _averaged: list
+    _copy_first_step: bool
+    _set_untracked: Callable[..., None]
+    _check_built: Callable[[str], None]
+
+    def decay_at(self, step: int | tf.Tensor) -> tf.Tensor:
         """The per-step decay at optimizer step `step` (0 while copying).
 
         Args:
@@ -87,7 +108,9 @@ class UpdatesShadows:
                 return False
         return True
 
-    def update(self, step=None, applied=None) -> None:
+    def update(
+        self, step: int | tf.Tensor | None = None, applied: tf.Tensor | None = None
+    ) -> None:
         """Updates the shadows for optimizer step `step`.
 
         Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -28,12 +28,19 @@ class ExactSwap:
     def __init__(self, variables: Sequence, name: str):
         self.variables = list(variables)
         self.name = name
-        self.raw_values = None
+        self.raw_values: list | None = None
 
     @property
     def is_swapped(self) -> bool:
         """Whether raw values are kept aside."""
         return self.raw_values is not None
+
+    @property
+    def kept(self) -> list:
+        """The raw values kept aside."""
+        if self.raw_values is None:
+            raise ValueError(f"{self.name!r} keeps no raw values.")
+        return self.raw_values
 
     def swap_in(self, values: Sequence) -> None:
         """Keeps the raw values aside and assigns `values` (aligned)."""
@@ -48,7 +55,7 @@ class ExactSwap:
 
     def swap_out(self) -> None:
         """Assigns the kept raw values back, bit for bit."""
-        if not self.is_swapped:
+        if self.raw_values is None:
             raise ValueError(f"{self.name!r} is not swapped in; nothing to swap out.")
         for variable, raw in zip(self.variables, self.raw_values):
             variable.assign(raw)
@@ -84,7 +91,7 @@ def weights_digest(variables: Sequence) -> bytes:
     for variable in variables:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(_value(variable)))
         digest.update(str((value.dtype.str, value.shape)).encode())
-        digest.update(value.reshape(-1).view(np.uint8))  # no copy
+        digest.update(value.reshape(-1).view(np.uint8).data)  # no copy
     return digest.digest()
 
 
@@ -99,6 +106,12 @@ class SwapsShadows:
     of the averaged variables, `None` until built), `_shadows` and
     `_check_built`.
     """
+
+    # Provided by ExponentialMovingAverage (declared for type checkers).
+    _swap: ExactSwap  # None until built
+    _shadows: list
+    _averaged: list
+    _check_built: Callable[[str], None]
 
     @property
     def is_swapped(self) -> bool:

@@ -150,7 +150,7 @@ class ShadowUpdater:
 
     def _for_each(self, fn, pairs, rates=None):
         for shadow, variable in pairs:
-            args = (tf_variable(variable),)
+            args: tuple = (tf_variable(variable),)
             if rates is not None:
                 args += (rates[shadow.dtype],)
             self.strategy.extended.update(
