@@ -8,7 +8,8 @@ statistics for the averaged weights, over some training batches, fixes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -17,6 +18,8 @@ import tensorflow as tf
 
 from keras_ema import _compat
 from keras_ema.backend.tensorflow import training_forward
+from keras_ema.shadows import relative_paths
+from keras_ema.swap import ExactSwap
 
 # Measured in benchmarks/batchnorm.py: from 5 batches of 64 on, the
 # recomputed statistics score within 0.2 points of 100 batches on both
@@ -43,6 +46,74 @@ def batchnorm_statistics(model: keras.Model) -> list:
         for layer in batchnorm_layers(model)
         for variable in (layer.moving_mean, layer.moving_variance)
     ]
+
+
+class KeptStatistics:
+    """The raw model's BatchNorm statistics, kept aside while it holds its
+    average.
+
+    Statistics recomputed for the average (or an earlier state of them,
+    restored by EarlyStopping) replace the raw model's while the average is
+    in; these come back, bit for bit, with the raw weights. Statistics the
+    optimizer averages (`non_trainable="average"`) are part of the average
+    and not kept here.
+
+    Args:
+        variables: The moving means and variances kept.
+        values: Their raw values, aligned.
+        recomputed: Whether the model holds statistics recomputed for its
+            average.
+    """
+
+    def __init__(self, variables: Sequence, values: Sequence, recomputed: bool = False):
+        self.swap = ExactSwap(variables, "the raw BatchNorm statistics")
+        self.swap.keep_aside(values)
+        self.recomputed = recomputed
+
+    @classmethod
+    def of(cls, model: keras.Model, averaged: Sequence) -> KeptStatistics:
+        """Keeps the model's statistics as they are now, except `averaged`."""
+        skip = {id(v) for v in averaged}
+        variables = [v for v in batchnorm_statistics(model) if id(v) not in skip]
+        return cls(variables, [v.value for v in variables])
+
+    @classmethod
+    def from_saved(
+        cls, model: keras.Model, saved: dict, recomputed: bool
+    ) -> KeptStatistics | None:
+        """Statistics `saved` (by path) from a file; None if it kept none or
+        they do not match the model's (then the loaded ones stay)."""
+        if not saved:
+            return None
+        variables = batchnorm_statistics(model)
+        by_path = dict(zip(relative_paths(variables), variables))
+        if set(saved) != set(by_path):
+            warnings.warn(
+                "The file keeps the raw model's BatchNorm statistics, but "
+                "they do not match this model's BatchNorm layers; the "
+                "statistics it loaded stay.",
+                stacklevel=4,
+            )
+            return None
+        return cls([by_path[p] for p in saved], list(saved.values()), recomputed)
+
+    @property
+    def variables(self) -> list:
+        """The kept variables."""
+        return self.swap.variables
+
+    @property
+    def raw_values(self) -> list:
+        """Their kept raw values."""
+        return self.swap.kept
+
+    def saved(self) -> dict:
+        """The raw values by path, as a file keeps them."""
+        return dict(zip(relative_paths(self.variables), self.raw_values))
+
+    def restore(self) -> None:
+        """Puts the raw statistics back."""
+        self.swap.swap_out()
 
 
 class BatchNormData:
@@ -225,12 +296,7 @@ def recompute_batchnorm(
         raise ValueError("`model` has no BatchNormalization layer.")
     from keras_ema.holder import WeightHolder
 
-    holder = WeightHolder.of(model)
-    holder.reconcile()
-    count = data.recompute(model)
-    # Statistics keras_ema wrote for the held average are no foreign write.
-    holder.statistics_rewritten()
-    return count
+    return WeightHolder.of(model).rewrite_statistics(data)
 
 
 def _is_positive_int(value) -> bool:

@@ -24,6 +24,7 @@ from keras_ema.holder import (
     ema_optimizer_of,
     install_average,
     optimizer_chain,
+    prepare_for_training,
 )
 
 EVALUATE_MODES = ("ema", "both")
@@ -180,7 +181,7 @@ class EMASwap(keras.callbacks.Callback):
             callbacks.callbacks.insert(0, self)
         holder = self._holder
         # Training starts from the raw weights, with everything it needs.
-        if holder.prepare_for_training():
+        if prepare_for_training(holder):
             self.model.make_train_function(force=True)
         if self._check_source() and self._install_config is not None:
             install_average(self.model, **self._install_config)

@@ -29,10 +29,10 @@ from typing import Any
 import keras
 
 from keras_ema import _compat
-from keras_ema.batchnorm import BatchNormData, batchnorm_statistics
+from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.optimizer_state import SavedHold
-from keras_ema.shadows import relative_paths, served_values
+from keras_ema.shadows import served_values
 from keras_ema.swap import ExactSwap, weights_digest
 
 # Who put the average into the model (`WeightHolder.held_by`).
@@ -206,8 +206,7 @@ class WeightHolder:
         # The raw model's BatchNorm statistics, kept aside while the average
         # is in (unless they are averaged, and so in `_swap`): statistics
         # recomputed for the average must not stay in the raw model.
-        self._statistics: ExactSwap | None = None
-        self._statistics_recomputed = False
+        self._statistics: KeptStatistics | None = None
 
     @classmethod
     def of(cls, model: keras.Model) -> WeightHolder:
@@ -266,7 +265,9 @@ class WeightHolder:
                 swap = ExactSwap(source.variables, "the loaded average")
                 swap.keep_aside(loaded.all_raw())
                 self._record(source, swap, HELD_BY_FILE, loaded.digest)
-                self._keep_loaded_statistics(loaded)
+                self._statistics = KeptStatistics.from_saved(
+                    self.model, loaded.statistics, loaded.recomputed
+                )
         if self._swap is not None and (
             weights_digest(self._swap.variables) != self._digest
         ):
@@ -292,16 +293,9 @@ class WeightHolder:
             swap = ExactSwap(source.variables, "the average")
             swap.swap_in(served_values(source.variables, source.shadows))
             self._record(source, swap, held_by)
-        if self._statistics is None:
-            averaged = {id(v) for v in swap.variables}
-            statistics = [
-                v for v in batchnorm_statistics(self.model) if id(v) not in averaged
-            ]
-            self._statistics = ExactSwap(statistics, "the raw BatchNorm statistics")
-            self._statistics.keep_aside([v.value for v in statistics])
-        if batchnorm is not None and not self._statistics_recomputed:
-            batchnorm.recompute(self.model)
-            self.statistics_rewritten()
+        kept = self._keep_statistics()
+        if batchnorm is not None and not kept.recomputed:
+            self.rewrite_statistics(batchnorm)
         return swapped
 
     @property
@@ -315,21 +309,35 @@ class WeightHolder:
         """
         if not self.holds_average or not batchnorm_statistics(self.model):
             return None
-        if self._statistics_recomputed:
+        kept, swap = self._statistics, self._swap
+        if kept is not None and kept.recomputed:
             return "recomputed"
-        statistics = self._statistics
-        return "raw" if statistics is not None and statistics.variables else "averaged"
+        averaged = {id(v) for v in swap.variables} if swap is not None else set()
+        statistics = batchnorm_statistics(self.model)
+        return "averaged" if all(id(v) in averaged for v in statistics) else "raw"
 
-    def statistics_rewritten(self) -> None:
-        """Records that keras_ema rewrote the BatchNorm statistics it holds.
+    def rewrite_statistics(self, batchnorm: BatchNormData) -> int:
+        """Recomputes the BatchNorm statistics for the weights held now.
 
-        `recompute_batchnorm` calls it: statistics recomputed for the held
-        average are not a foreign write (when they are averaged, they are
-        among the held variables).
+        If the model holds its average, the raw model's statistics are kept
+        aside first, and the recomputed ones are no foreign write (they are
+        among the held variables when averaged). Returns the batch count.
         """
-        if self._swap is not None:
-            self._digest = weights_digest(self._swap.variables)
-            self._statistics_recomputed = True
+        self.reconcile()
+        if self._swap is None:
+            return batchnorm.recompute(self.model)
+        kept = self._keep_statistics()
+        count = batchnorm.recompute(self.model)
+        self._digest = weights_digest(self._swap.variables)
+        kept.recomputed = True
+        return count
+
+    def _keep_statistics(self) -> KeptStatistics:
+        # Called with the average in.
+        if self._statistics is None:
+            averaged = self._swap.variables if self._swap is not None else []
+            self._statistics = KeptStatistics.of(self.model, averaged)
+        return self._statistics
 
     def swap_out(self) -> bool:
         """Puts the raw weights back, bit for bit.
@@ -343,7 +351,7 @@ class WeightHolder:
             return False
         self._swap.swap_out()
         if self._statistics is not None:
-            self._statistics.swap_out()
+            self._statistics.restore()
         self._clear()
         return True
 
@@ -396,45 +404,15 @@ class WeightHolder:
         if self._swap is None:
             yield
             return
-        kept = [self._swap] + ([self._statistics] if self._statistics else [])
-        held = ExactSwap(
-            [v for swap in kept for v in swap.variables], "the held average"
-        )
-        held.swap_in([raw for swap in kept for raw in swap.kept])
+        statistics = self._statistics
+        variables = self._swap.variables + (statistics.variables if statistics else [])
+        raw = self._swap.kept + (statistics.raw_values if statistics else [])
+        held = ExactSwap(variables, "the held average")
+        held.swap_in(raw)
         try:
             yield
         finally:
             held.swap_out()
-
-    # ------------------------------------------------------------- training
-
-    def prepare_for_training(self) -> bool:
-        """Makes the model ready to train; returns whether to retrace.
-
-        Training always starts from the raw weights: an average held since
-        the end of a fit, an epoch or a load is swapped out (inside an
-        `ema_weights` block, training is refused). An `EMAOptimizer` that
-        averages non-trainable variables gets them here, once the model has
-        them; a train function traced before that must be traced again.
-        """
-        self.reconcile()
-        if self._swap is not None:
-            if self.held_by == HELD_BY_CONTEXT:
-                raise RuntimeError(TRAINING_IN_CONTEXT)
-            self.swap_out()
-        optimizer = ema_optimizer_of(self.model)
-        if optimizer is None:
-            return False
-        if optimizer.built and int(optimizer.averager.step.numpy()) == 0:
-            # Never updated: it starts from the weights training starts
-            # from, whatever was written since it was built.
-            for averager in optimizer.averagers:
-                averager.reset()
-        if not (optimizer.needs_non_trainable and self.model.built):
-            return False
-        with self.model.distribute_strategy.scope():
-            optimizer.track_non_trainable(self.model.non_trainable_variables)
-        return self.model.train_function is not None
 
     # ---------------------------------------------------------------- saving
 
@@ -459,37 +437,14 @@ class WeightHolder:
             return None
         raw = list(self._swap.kept)
         count = len(optimizer.averager.shadows)
-        statistics = {}
-        if self._statistics is not None:
-            paths = _statistics_paths(self._statistics.variables)
-            statistics = dict(zip(paths, self._statistics.kept))
+        statistics = self._statistics
         return SavedHold(
             raw[:count],
             raw[count:] or None,
             self._digest,
-            statistics,
-            self._statistics_recomputed,
+            statistics.saved() if statistics else {},
+            statistics.recomputed if statistics else False,
         )
-
-    def _keep_loaded_statistics(self, loaded: SavedHold) -> None:
-        statistics = loaded.statistics
-        if not statistics:
-            return
-        variables = batchnorm_statistics(self.model)
-        by_path = dict(zip(_statistics_paths(variables), variables))
-        if set(statistics) != set(by_path):
-            warnings.warn(
-                "The file keeps the raw model's BatchNorm statistics, but "
-                "they do not match this model's BatchNorm layers; the "
-                "statistics it loaded stay.",
-                stacklevel=3,
-            )
-            return
-        self._statistics = ExactSwap(
-            [by_path[p] for p in statistics], "the raw BatchNorm statistics"
-        )
-        self._statistics.keep_aside(list(statistics.values()))
-        self._statistics_recomputed = loaded.recomputed
 
     # -------------------------------------------------------------- private
 
@@ -504,7 +459,35 @@ class WeightHolder:
     def _clear(self):
         self._source = self._swap = self._digest = self.held_by = None
         self._statistics = None
-        self._statistics_recomputed = False
+
+
+def prepare_for_training(holder: WeightHolder) -> bool:
+    """Makes the holder's model ready to train; returns whether to retrace.
+
+    Training always starts from the raw weights: an average held since the
+    end of a fit, an epoch or a load is swapped out (inside an
+    `ema_weights` block, training is refused). An `EMAOptimizer` that
+    averages non-trainable variables gets them here, once the model has
+    them; a train function traced before that must be traced again.
+    """
+    model = holder.model
+    if holder.holds_average:
+        if holder.held_by == HELD_BY_CONTEXT:
+            raise RuntimeError(TRAINING_IN_CONTEXT)
+        holder.swap_out()
+    optimizer = ema_optimizer_of(model)
+    if optimizer is None:
+        return False
+    if optimizer.built and int(optimizer.averager.step.numpy()) == 0:
+        # Never updated: it starts from the weights training starts from,
+        # whatever was written since it was built.
+        for averager in optimizer.averagers:
+            averager.reset()
+    if not (optimizer.needs_non_trainable and model.built):
+        return False
+    with model.distribute_strategy.scope():
+        optimizer.track_non_trainable(model.non_trainable_variables)
+    return model.train_function is not None
 
 
 class _TrainingGuard:
@@ -526,14 +509,8 @@ class _TrainingGuard:
         object.__setattr__(model, "make_train_function", cls(holder, original))
 
     def __call__(self, force=False):
-        retrace = self.holder.prepare_for_training()
+        retrace = prepare_for_training(self.holder)
         return self.make_train_function(force=force or retrace)
-
-
-def _statistics_paths(variables) -> list:
-    # Without the prefix they share, so that they match whatever the
-    # model's name.
-    return relative_paths(variables)
 
 
 def _compile_is_custom(model) -> bool:
