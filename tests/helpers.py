@@ -76,6 +76,26 @@ def learnable_data(n=32, seed=1):
     return x, y
 
 
+def fit_quietly(model, callbacks=(), epochs=1, validation=True, data=None, **kwargs):
+    """`model.fit` in order, silently, in batches of 8: on `data` (default
+    `learnable_data()`), validating on `validation` (True: 16 held-out rows
+    of the same problem; False or None: none; or an `(x, y)` pair)."""
+    x, y = learnable_data() if data is None else data
+    if validation is True:
+        validation = learnable_data(n=16, seed=2)
+    return model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        validation_data=validation or None,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
 def make_model(seed=0, dtype=None):
     """Input(6) -> Dense(8, tanh) "hidden" -> Dense(1) "out", named "net"."""
     keras.utils.set_random_seed(seed)

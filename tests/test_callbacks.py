@@ -17,6 +17,7 @@ from helpers import (
     RecordFirstBatch,
     RecordWeights,
     assert_bit_equal,
+    fit_quietly,
     learnable_data,
     make_model,
     max_error,
@@ -123,18 +124,7 @@ def optimizer_average(model, source):
 
 
 def fit(model, callbacks, epochs=2, validation=True, **kwargs):
-    x, y = learnable_data()
-    return model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=epochs,
-        verbose=0,
-        shuffle=False,
-        validation_data=validation_data() if validation else None,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return fit_quietly(model, callbacks, epochs, validation, **kwargs)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from helpers import (
     RecordFirstBatch,
     RecordWeights,
     assert_bit_equal,
+    fit_quietly,
     learnable_data,
     make_model,
     max_error,
@@ -70,18 +71,7 @@ class InterruptAfter(keras.callbacks.Callback):
 
 
 def fit(model, callbacks=(), epochs=1, validation=True, data=None, **kwargs):
-    x, y = TRAIN if data is None else data
-    return model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=epochs,
-        verbose=0,
-        shuffle=False,
-        validation_data=VALIDATION if validation is True else (validation or None),
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    return fit_quietly(model, callbacks, epochs, validation, data, **kwargs)
 
 
 def ema_optimizer(inner=None, decay=DECAY):

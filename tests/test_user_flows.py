@@ -19,6 +19,7 @@ from helpers import (
     RecordFirstBatch,
     RecordWeights,
     assert_bit_equal,
+    fit_quietly,
     learnable_data,
     make_model,
     max_error,
@@ -41,18 +42,7 @@ VALIDATION = learnable_data(n=16, seed=2)
 
 
 def fit(model, callbacks=(), epochs=1, validation=True, **kwargs):
-    x, y = learnable_data()
-    return model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=epochs,
-        verbose=0,
-        shuffle=False,
-        validation_data=VALIDATION if validation else None,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+    return fit_quietly(model, callbacks, epochs, validation, **kwargs)
 
 
 def ema_model(seed=0, learning_rate=0.05):
