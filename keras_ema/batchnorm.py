@@ -25,9 +25,9 @@ from keras_ema.swap import ExactSwap
 # recomputed statistics score within 0.2 points of 100 batches on both
 # models; 25 leaves a 5x margin for wider models and more varied data.
 DEFAULT_BATCHNORM_STEPS = 25
+DEFAULT_BATCH_SIZE = 64
 # What `batchnorm_data` may be (see `BatchNormData`).
 BatchNormInput = Any
-DEFAULT_BATCH_SIZE = 64
 
 
 def batchnorm_layers(model: keras.Model) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -150,7 +151,7 @@ class EMAOptimizer(
             if non_trainable == "average"
             else None
         )
-        self._set_untracked(_attached=[])
+        self._set_untracked(_attached=[], _introduced=None)
         self._init_saving()
 
     @_compat.no_automatic_dependency_tracking
@@ -201,7 +202,9 @@ class EMAOptimizer(
         # Until the first step, the average takes the weights that step
         # starts from, whatever happened to them since it was built.
         self.averager.capture_before_first_step()
-        self._introduce_to_model()
+        if self._introduced is None or self._introduced() is None:
+            # Once is enough: eager steps call `apply` every step.
+            self._introduce_to_model()
         stepper = self._stepping_optimizer
         if not self._may_skip_steps():
             stepper.apply(grads, trainable_variables)
@@ -225,6 +228,7 @@ class EMAOptimizer(
         model = _compat.model_using(self)
         if model is not None:
             WeightHolder.of(model)
+            self._set_untracked(_introduced=weakref.ref(model))
 
     @property
     def variables(self) -> list:
