@@ -1,6 +1,6 @@
 """keras_ema: the exponential moving average of model weights for Keras 3."""
 
-from keras_ema import posthoc, schedules
+from keras_ema import posthoc, schedules, stateless
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.batchnorm import recompute_batchnorm
 from keras_ema.callbacks import EMACheckpoint, EMASwap
@@ -19,5 +19,6 @@ __all__ = [
     "posthoc",
     "recompute_batchnorm",
     "schedules",
+    "stateless",
 ]
 __version__ = "0.1.0"

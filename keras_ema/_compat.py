@@ -1,4 +1,4 @@
-"""Every private Keras and TensorFlow name keras_ema uses, in one place.
+"""Every private Keras, TensorFlow and JAX name keras_ema uses, in one place.
 
 Each entry says why no public API does the job.
 """
@@ -10,22 +10,45 @@ import sys
 from types import FrameType
 
 import keras
-import tensorflow as tf
 
-# Attributes of a Keras module or trackable that must not become checkpoint
-# dependencies (the averaged variables belong to the model, kept-aside raw
-# values are transient). TF has no public spelling of this decorator.
-no_automatic_dependency_tracking = (
-    tf.__internal__.tracking.no_automatic_dependency_tracking
-)
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
 
-# Runs a function in the cross-replica context from a replica context, or
-# calls it directly where there is no strategy. TF's public
-# `ReplicaContext.merge_call` fails without a strategy.
-maybe_merge_call = tf.__internal__.distribute.interim.maybe_merge_call
+    # Attributes of a Keras module or trackable that must not become
+    # checkpoint dependencies (the averaged variables belong to the model,
+    # kept-aside raw values are transient). TF has no public spelling of
+    # this decorator.
+    no_automatic_dependency_tracking = (
+        tf.__internal__.tracking.no_automatic_dependency_tracking
+    )
+
+    # Runs a function in the cross-replica context from a replica context,
+    # or calls it directly where there is no strategy. TF's public
+    # `ReplicaContext.merge_call` fails without a strategy.
+    maybe_merge_call = tf.__internal__.distribute.interim.maybe_merge_call
+
+    # Plain Python that autograph must leave alone (see the frame walks).
+    do_not_convert = tf.autograph.experimental.do_not_convert
+else:
+
+    def no_automatic_dependency_tracking(function):
+        """Other backends track no checkpoint dependencies."""
+        return function
+
+    do_not_convert = no_automatic_dependency_tracking
 
 
-@tf.autograph.experimental.do_not_convert
+def variable_layout(variable):
+    """The `keras.distribution` layout a Keras variable was created with.
+
+    A shadow must be sharded like its weight. Keras's optimizers pass the
+    private `_layout` of the weight to the variables they create from it
+    (`add_variable_from_reference`); a public getter does not exist.
+    """
+    return getattr(variable, "_layout", None)
+
+
+@do_not_convert
 def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
     """The `CallbackList` whose hook is calling `callback` now, if any.
 
@@ -47,7 +70,7 @@ def callback_list_running(callback) -> keras.callbacks.CallbackList | None:
 
 # A frame walk is plain Python: autograph, converting a custom loop's
 # `optimizer.apply`, would rewrite its early return and break it.
-@tf.autograph.experimental.do_not_convert
+@do_not_convert
 def model_using(optimizer) -> keras.Model | None:
     """The Keras model that is training or loading `optimizer` now, if any.
 

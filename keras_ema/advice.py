@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_ema.backend import STEP_DTYPE
 
 # Above this share of the initial weights, the average is mostly where
 # training started, not where it went.
@@ -40,7 +42,7 @@ def initial_share(averager) -> float:
         step -= (step - start) % k  # the last step that moved the shadows
     log_share = 0.0
     for first in range(1, step + 1, _CHUNK):
-        steps = tf.range(first, min(first + _CHUNK, step + 1), dtype=tf.int64)
+        steps = keras.ops.arange(first, min(first + _CHUNK, step + 1), dtype=STEP_DTYPE)
         decays = np.asarray(averager.decay_at(steps), np.float64)
         if np.any(decays <= 0.0):
             return 0.0

@@ -13,24 +13,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_ema import _compat, schedules
-from keras_ema._checks import check_int
-from keras_ema.backend.tensorflow import (
+from keras_ema.backend import (
+    STEP_DTYPE,
+    VARIABLE_TYPES,
+    Module,
     ShadowUpdater,
+    check_built_outside_replica,
+    init_scope,
     variable_key,
 )
 from keras_ema.shadow_updates import UpdatesShadows
 from keras_ema.shadows import check_variables, create_shadows, variable_path
 from keras_ema.swap import ExactSwap, SwapsShadows
-from keras_ema.update_rule import UpdateRule
-
-INITS = ("weights", "first_step")
-SHADOW_DTYPES = ("float32", "float64")
+from keras_ema.update_rule import UpdateRule, check_shadow_dtype
 
 
-class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
+class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
     """Exponential moving average of variables, kept in shadow variables.
 
     At step t (the number of updates applied, the current one included) the
@@ -46,10 +46,13 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
     the same as with k = 1.
 
     The update is one fused expression per variable with the decay computed
-    once per step. It works eagerly, inside `tf.function` (with or without
-    `jit_compile=True`), and in the replica or cross-replica context of a
-    `tf.distribute` strategy, where the shadows are mirrored like the
-    variables they shadow.
+    once per step. On TensorFlow it works eagerly, inside `tf.function` (with
+    or without `jit_compile=True`), and in the replica or cross-replica
+    context of a `tf.distribute` strategy, where the shadows are mirrored
+    like the variables they shadow. On JAX it works eagerly and inside
+    Keras's stateless train step (the shadows are optimizer variables of
+    `EMAOptimizer`, carried through the jitted step); for your own
+    `jax.jit` step, use the pure functions of `keras_ema.stateless`.
 
     Shadows of float16 and bfloat16 variables are kept in float32 (or
     `shadow_dtype`); float64 variables keep float64 shadows. Swapping the
@@ -97,26 +100,19 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
         shadow_dtype: str = "float32",
         name: str = "ema",
     ):
-        schedule = schedules.get(decay)
-        update_every = check_int(update_every, "update_every", 1)
-        start_step = check_int(start_step, "start_step", 0)
-        if init not in INITS:
-            raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
-        if shadow_dtype not in SHADOW_DTYPES:
-            raise ValueError(
-                f"`shadow_dtype` must be one of {SHADOW_DTYPES}, got {shadow_dtype!r}."
-            )
+        rule = UpdateRule.checked(decay, update_every, start_step, init)
+        check_shadow_dtype(shadow_dtype)
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(
                 f"`name` must be a non-empty string without '/', got {name!r}."
             )
         super().__init__(name=name)
-        self.schedule = schedule
-        self.update_every = int(update_every)
-        self.start_step = int(start_step)
+        self.schedule = rule.schedule
+        self.update_every = rule.update_every
+        self.start_step = rule.start_step
         self.init = init
         self.shadow_dtype = shadow_dtype
-        self._rule = UpdateRule(schedule, self.update_every, self.start_step, init)
+        self._rule = rule
         self.built = False
         self._set_untracked(
             _averaged=[],
@@ -154,10 +150,10 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
         variables = check_variables(variables)
         # Under init_scope the shadows are ordinary, initialised variables
         # even when built during the first trace of a tf.function.
-        with tf.init_scope(), keras.name_scope(self.name):
+        with init_scope(), keras.name_scope(self.name):
             self.step = keras.Variable(
                 0,
-                dtype="int64",
+                dtype=STEP_DTYPE,
                 trainable=False,
                 autocast=False,
                 aggregation="only_first_replica",
@@ -200,10 +196,15 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
         """Returns the shadow variable holding the average of `variable`.
 
         Raises:
+            TypeError: if `variable` is not a variable.
             ValueError: if the average is not built or `variable` is not one
                 of the averaged variables.
         """
         self._check_built("average")
+        if not isinstance(variable, VARIABLE_TYPES):
+            raise TypeError(
+                f"`variable` must be a variable, got {type(variable).__name__}."
+            )
         index = self._index.get(variable_key(variable))
         if index is None:
             raise ValueError(
@@ -236,12 +237,7 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, tf.Module):
                     "The first call to `apply` needs `variables` to build the "
                     "shadows, e.g. `ema.apply(model.trainable_variables)`."
                 )
-            in_replica = tf.distribute.get_replica_context() is not None
-            if tf.distribute.has_strategy() and in_replica:
-                raise ValueError(
-                    "Build the average under `strategy.scope()` before "
-                    "`strategy.run`: `ema.build(model.trainable_variables)`."
-                )
+            check_built_outside_replica()
             self.build(variables)
             # Built while tracing, the shadows hold the weights as they were
             # at trace time; the first update copies the weights it is given,

@@ -14,10 +14,9 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_ema import _compat
-from keras_ema.backend.tensorflow import training_forward
+from keras_ema.backend import training_forward
 from keras_ema.shadows import relative_paths
 from keras_ema.swap import ExactSwap
 
@@ -156,7 +155,7 @@ class BatchNormData:
                     f"them; `x` is a {type(data).__name__}."
                 )
         elif isinstance(data, (str, bytes)) or not (
-            _is_array_like(data) or isinstance(data, (tf.data.Dataset, Iterable))
+            _is_array_like(data) or isinstance(data, Iterable)
         ):
             raise TypeError(
                 "`data` must be a NumPy array, an (x, y) tuple, a "
@@ -216,9 +215,12 @@ class BatchNormData:
                 if sums is None:
                     # 0 * NaN is NaN: statistics of a diverged model go first.
                     for variable in statistics:
-                        variable.assign(keras.ops.zeros_like(variable))
+                        variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
                 forward(batch)
-                batch_statistics = [tf.cast(v.value, tf.float64) for v in statistics]
+                batch_statistics = [
+                    keras.ops.convert_to_numpy(v.value).astype(np.float64)
+                    for v in statistics
+                ]
                 sums = (
                     batch_statistics
                     if sums is None
@@ -232,7 +234,7 @@ class BatchNormData:
         if sums is None:
             raise ValueError("`data` yielded no batch.")
         for variable, total in zip(statistics, sums):
-            variable.assign(tf.cast(total / count, variable.dtype))
+            variable.assign(keras.ops.cast(total / count, variable.dtype))
         return count
 
 
@@ -310,7 +312,7 @@ def _is_positive_int(value) -> bool:
 def _is_array_like(data) -> bool:
     if isinstance(data, dict):
         return bool(data) and all(_is_array_like(v) for v in data.values())
-    return isinstance(data, (np.ndarray, tf.Tensor))
+    return isinstance(data, np.ndarray) or keras.ops.is_tensor(data)
 
 
 def _array_batches(x, batch_size):

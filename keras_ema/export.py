@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from keras_ema import _compat
 from keras_ema.batchnorm import (
@@ -149,6 +148,7 @@ def export_saved_model(
             "`batchnorm_data` recomputes statistics for the average; the raw "
             "weights have theirs. Drop it, or export `weights='ema'`."
         )
+    tf = _tensorflow()
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(
@@ -188,7 +188,7 @@ def export_saved_model(
             metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
             archive = keras.export.ExportArchive()
             archive.track_and_add_endpoint("serve", model, input_signature)
-            archive.add_endpoint("ema_info", _constant_function(metadata_json))
+            archive.add_endpoint("ema_info", _constant_function(tf, metadata_json))
             archive.write_out(staging, verbose=False)
         extra = os.path.join(staging, "assets.extra")
         os.makedirs(extra, exist_ok=True)
@@ -203,7 +203,22 @@ def export_saved_model(
     return path
 
 
-def _constant_function(text):
+def _tensorflow():
+    """TensorFlow, which a SavedModel needs on every Keras backend."""
+    try:
+        import tensorflow
+    except ImportError:
+        raise ImportError(
+            "export_saved_model writes a TensorFlow SavedModel and needs "
+            "TensorFlow (`pip install tensorflow`; on JAX, Keras converts the "
+            "model with jax2tf). Without it, save the averaged model as a "
+            "`.keras` file: `with keras_ema.ema_weights(model): "
+            "model.save('model.keras')`."
+        ) from None
+    return tensorflow
+
+
+def _constant_function(tf, text):
     function = tf.function(lambda: tf.constant(text), input_signature=[])
     function()
     return function

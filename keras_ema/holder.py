@@ -29,6 +29,7 @@ from typing import Any
 import keras
 
 from keras_ema import _compat
+from keras_ema.backend import strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.optimizer_state import SavedHold
@@ -177,7 +178,7 @@ def find_source(model) -> AverageSource | None:
 def _finish_load(model, optimizer):
     if not (model.built and model.trainable_variables):
         return
-    with model.distribute_strategy.scope():
+    with strategy_scope(model):
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         if optimizer.needs_non_trainable:
@@ -485,7 +486,7 @@ def prepare_for_training(holder: WeightHolder) -> bool:
             averager.reset()
     if not (optimizer.needs_non_trainable and model.built):
         return False
-    with model.distribute_strategy.scope():
+    with strategy_scope(model):
         optimizer.track_non_trainable(model.non_trainable_variables)
     return model.train_function is not None
 
@@ -531,7 +532,7 @@ def install_average(model: keras.Model, **average_config: Any) -> EMAOptimizer:
     inner = getattr(model, "optimizer", None)
     if inner is None:
         raise ValueError("Compile the model before training it with EMASwap.")
-    with model.distribute_strategy.scope():
+    with strategy_scope(model):
         optimizer = EMAOptimizer(inner, **average_config)
         if inner.built:
             optimizer.build(model.trainable_variables)

@@ -6,10 +6,14 @@ import weakref
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.backend import (
+    NON_TRAINABLE_AVERAGE_UNSUPPORTED,
+    apply_optimizer,
+    snapshot,
+)
 from keras_ema.optimizer_averages import OptimizerAverages
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 from keras_ema.optimizer_state import AverageSaving
@@ -87,7 +91,9 @@ class EMAOptimizer(
             is kept in (float16/bfloat16 weights get float32 shadows).
         non_trainable: `"live"` (float non-trainable variables such as
             BatchNorm statistics stay as training leaves them) or
-            `"average"` (they are averaged too; see `track_non_trainable`).
+            `"average"` (they are averaged too; see `track_non_trainable`;
+            TensorFlow only: on JAX, recompute BatchNorm statistics with
+            `batchnorm_data=` instead).
         name: Name of the optimizer.
 
     Example:
@@ -129,6 +135,8 @@ class EMAOptimizer(
                 f"`non_trainable` must be one of {NON_TRAINABLE_MODES}, got "
                 f"{non_trainable!r}."
             )
+        if non_trainable == "average" and NON_TRAINABLE_AVERAGE_UNSUPPORTED:
+            raise ValueError(NON_TRAINABLE_AVERAGE_UNSUPPORTED)
         config: dict[str, Any] = dict(
             decay=decay,
             update_every=update_every,
@@ -207,13 +215,13 @@ class EMAOptimizer(
             self._introduce_to_model()
         stepper = self._stepping_optimizer
         if not self._may_skip_steps():
-            stepper.apply(grads, trainable_variables)
+            apply_optimizer(stepper, grads, trainable_variables)
             for averager in averagers:
                 averager.update()
             return
-        before = tf.identity(stepper.iterations)
-        stepper.apply(grads, trainable_variables)
-        applied = tf.not_equal(tf.identity(stepper.iterations), before)
+        before = snapshot(stepper.iterations)
+        apply_optimizer(stepper, grads, trainable_variables)
+        applied = keras.ops.not_equal(snapshot(stepper.iterations), before)
         for averager in averagers:
             averager.update(applied=applied)
 
@@ -239,6 +247,10 @@ class EMAOptimizer(
         )
         if self.non_trainable_averager is not None:
             variables += self.non_trainable_averager.variables
+        # Attached averages (not saved with it) too: on JAX, Keras's train
+        # step carries exactly these variables through the jitted step.
+        for averager in self._attached:
+            variables += averager.variables
         return variables
 
     def finalize_variable_values(self, var_list: list) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_ema.averager import ExponentialMovingAverage
 
@@ -96,7 +95,9 @@ class OptimizerAverages:
         if averager.built:
             return
         floats = [
-            v for v in variables if tf.as_dtype(v.dtype).is_floating and not v.trainable
+            v
+            for v in variables
+            if keras.backend.is_float_dtype(v.dtype) and not v.trainable
         ]
         averager.build(floats)
         if self.averager.built:

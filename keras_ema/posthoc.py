@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.backend import strategy_scope, sync_training_state
 from keras_ema.holder import ema_optimizer_of, install_average
 from keras_ema.shadows import relative_paths
 
@@ -246,7 +247,7 @@ class PostHocEMA(keras.callbacks.Callback):
         optimizer = self._optimizer = _ensure_ema_optimizer(model)
         variables = model.trainable_variables
         if not self.averagers:
-            with model.distribute_strategy.scope():
+            with strategy_scope(model):
                 for profile in self.profiles:
                     averager = ExponentialMovingAverage(
                         decay=profile,
@@ -339,6 +340,7 @@ class PostHocEMA(keras.callbacks.Callback):
             if not os.path.exists(model_file):
                 _write_atomically(model_file, self.model.save, suffix=".keras")
             self._model_saved = True
+        sync_training_state(self.model)
         step = int(self.averagers[0].step.numpy())
         if step // self.every_n_steps > self._last_snapshot // self.every_n_steps:
             self._snapshot(step)
@@ -378,7 +380,7 @@ def _ensure_ema_optimizer(model):
         # cheap to ignore (the post-hoc averages are attached to it).
         return install_average(model, decay=0.999)
     if not optimizer.built:
-        with model.distribute_strategy.scope():
+        with strategy_scope(model):
             optimizer.build(model.trainable_variables)
     return optimizer
 

@@ -14,8 +14,10 @@ stale average over those `k` steps is `D = d(s - k + 1) * ... * d(s)`, which
 `DecaySchedule.decay_over` returns (in closed form where one exists).
 
 All schedules compute in float64 internally and cast the result at the end, so
-that `1 - d` stays accurate for decays close to 1. They work eagerly, inside
-`tf.function` and under `tf.function(jit_compile=True)`.
+that `1 - d` stays accurate for decays close to 1 (on JAX, float64 needs
+`jax_enable_x64`; without it they compute in float32, as Keras's own
+`use_ema` does there). They are written in `keras.ops` and work eagerly,
+inside `tf.function` (with or without XLA) and inside `jax.jit`.
 
 Example:
 
@@ -34,9 +36,13 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_ema import backend
 from keras_ema._checks import check_int
+
+# A backend tensor (Tensor, jax.Array).
+Tensor = Any
 
 __all__ = [
     "Constant",
@@ -107,22 +113,29 @@ def _check_positive(value: Any, name: str) -> float:
     )
 
 
-def _check_dtype(dtype: Any) -> tf.DType:
+def _check_dtype(dtype: Any) -> str:
     try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError as e:
+        dtype = keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError) as e:
         raise TypeError(
             f"`dtype` must be a floating dtype such as 'float32', got {dtype!r}."
         ) from e
-    if not dtype.is_floating:
+    if not keras.backend.is_float_dtype(dtype):
         raise ValueError(
-            f"`dtype` must be a floating dtype such as 'float32', got {dtype.name}."
+            f"`dtype` must be a floating dtype such as 'float32', got {dtype}."
+        )
+    if dtype == "float64" and not backend.float64_available():
+        raise ValueError(
+            "`dtype='float64'` needs float64 arrays, which JAX only has with "
+            "`jax.config.update('jax_enable_x64', True)`; ask for 'float32'."
         )
     return dtype
 
 
-def _step_to_float64(step: Any, minimum: int = 1) -> tf.Tensor:
-    """Converts `step` (int or integer tensor) to a float64 tensor.
+def _step_to_compute_dtype(step: Any, minimum: int = 1) -> Tensor:
+    """Converts `step` (int or integer tensor) to a tensor of the dtype
+    schedules compute in (`backend.schedule_dtype()`, float64 where the
+    backend has it).
 
     Python ints are checked against `minimum`; tensors are not checked (so
     that the schedules stay XLA-compatible), the caller guarantees it.
@@ -133,19 +146,20 @@ def _step_to_float64(step: Any, minimum: int = 1) -> tf.Tensor:
         step = int(step)
         if step < minimum:
             raise ValueError(f"`step` must be an int >= {minimum}, got {step}.")
-        return tf.constant(step, dtype=tf.float64)
+        return ops.convert_to_tensor(step, dtype=backend.schedule_dtype())
     if isinstance(step, numbers.Number | str) or step is None:
         raise TypeError(
             f"`step` must be an int or an integer tensor, got {step!r} of type "
             f"{type(step).__name__}."
         )
-    step = tf.convert_to_tensor(step)
-    if not step.dtype.is_integer:
+    step = ops.convert_to_tensor(step)
+    dtype = keras.backend.standardize_dtype(step.dtype)
+    if not dtype.startswith(("int", "uint")):
         raise TypeError(
             f"`step` must be an int or an integer tensor, got a tensor of dtype "
-            f"{step.dtype.name}."
+            f"{dtype}."
         )
-    return tf.cast(step, tf.float64)
+    return ops.cast(step, backend.schedule_dtype())
 
 
 # ---------------------------------------------------------------------------
@@ -159,12 +173,12 @@ class DecaySchedule:
     A schedule maps the step `s` (the number of optimizer updates since the
     average was started, `s >= 1`) to the per-step decay `d(s)` in `[0, 1]`.
 
-    Subclasses implement `_decay(s)`, the per-step formula on a float64 tensor
-    `s` of any shape (elementwise, so it also works on vectors of steps), and
-    `get_config()`. They may override `_decay_over(s, k)` with a closed form
-    of the decay over `k` steps; the default is the product of the `k`
-    per-step decays, evaluated on a vector of `k` steps (O(k) memory, `k` is
-    static so this is XLA-compatible).
+    Subclasses implement `_decay(s)`, the per-step formula (in `keras.ops`)
+    on a float64 tensor `s` of any shape (elementwise, so it also works on
+    vectors of steps), and `get_config()`. They may override
+    `_decay_over(s, k)` with a closed form of the decay over `k` steps; the
+    default is the product of the `k` per-step decays, evaluated on a vector
+    of `k` steps (O(k) memory, `k` is static so this is XLA-compatible).
 
     Example:
 
@@ -175,14 +189,14 @@ class DecaySchedule:
             self.decay, self.ramp = decay, ramp
 
         def _decay(self, s):
-            return tf.minimum(tf.constant(self.decay, tf.float64), s / self.ramp)
+            return ops.minimum(self.decay, s / self.ramp)
 
         def get_config(self):
             return {"decay": self.decay, "ramp": self.ramp}
     ```
     """
 
-    def __call__(self, step: int | tf.Tensor, dtype: Any = "float32") -> tf.Tensor:
+    def __call__(self, step: int | Tensor, dtype: Any = "float32") -> Tensor:
         """Returns the per-step decay `d(step)`.
 
         Args:
@@ -197,12 +211,12 @@ class DecaySchedule:
             A tensor of `dtype` with the decay, computed in float64 and cast.
         """
         dtype = _check_dtype(dtype)
-        s = _step_to_float64(step)
-        return tf.cast(self._decay(s), dtype)
+        s = _step_to_compute_dtype(step)
+        return ops.cast(self._decay(s), dtype)
 
     def decay_over(
-        self, step: int | tf.Tensor, k: int, dtype: Any = "float32"
-    ) -> tf.Tensor:
+        self, step: int | Tensor, k: int, dtype: Any = "float32"
+    ) -> Tensor:
         """Returns the decay over the `k` steps ending at `step`.
 
         That is `D = d(step - k + 1) * d(step - k + 2) * ... * d(step)`: an
@@ -222,14 +236,14 @@ class DecaySchedule:
         """
         k = check_int(k, "k", 1)
         dtype = _check_dtype(dtype)
-        s = _step_to_float64(step, minimum=k)
-        return tf.cast(self._decay_over(s, k), dtype)
+        s = _step_to_compute_dtype(step, minimum=k)
+        return ops.cast(self._decay_over(s, k), dtype)
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
+    def _decay(self, s: Tensor) -> Tensor:
         """Per-step decay on a float64 tensor of steps (any shape)."""
         raise NotImplementedError(f"{type(self).__name__} must implement `_decay(s)`.")
 
-    def _decay_over(self, s: tf.Tensor, k: int) -> tf.Tensor:
+    def _decay_over(self, s: Tensor, k: int) -> Tensor:
         """Decay over `k` steps ending at the float64 tensor `s`.
 
         Default: product of the per-step decays of the steps
@@ -237,9 +251,9 @@ class DecaySchedule:
         """
         if k == 1:
             return self._decay(s)
-        offsets = tf.range(k, dtype=tf.float64)  # 0, 1, ..., k - 1
-        steps = tf.expand_dims(s, -1) - offsets  # s, s - 1, ..., s - k + 1
-        return tf.reduce_prod(self._decay(steps), axis=-1)
+        offsets = ops.arange(k, dtype=s.dtype)  # 0, 1, ..., k - 1
+        steps = ops.expand_dims(s, -1) - offsets  # s, s - 1, ..., s - k + 1
+        return ops.prod(self._decay(steps), axis=-1)
 
     def get_config(self) -> dict[str, Any]:
         """Returns the constructor arguments of the schedule as a dict."""
@@ -280,11 +294,11 @@ class Constant(DecaySchedule):
     def __init__(self, decay: float):
         self.decay = _check_decay(decay)
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
-        return tf.fill(tf.shape(s), tf.constant(self.decay, tf.float64))
+    def _decay(self, s: Tensor) -> Tensor:
+        return ops.full_like(s, self.decay)
 
-    def _decay_over(self, s: tf.Tensor, k: int) -> tf.Tensor:
-        return tf.fill(tf.shape(s), tf.constant(self.decay**k, tf.float64))
+    def _decay_over(self, s: Tensor, k: int) -> Tensor:
+        return ops.full_like(s, self.decay**k)
 
     def get_config(self) -> dict[str, Any]:
         return {"decay": self.decay}
@@ -310,8 +324,8 @@ class TFWarmup(DecaySchedule):
     def __init__(self, decay: float):
         self.decay = _check_decay(decay)
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
-        return tf.minimum(tf.constant(self.decay, tf.float64), (1.0 + s) / (10.0 + s))
+    def _decay(self, s: Tensor) -> Tensor:
+        return ops.minimum(self.decay, (1.0 + s) / (10.0 + s))
 
     def get_config(self) -> dict[str, Any]:
         return {"decay": self.decay}
@@ -357,11 +371,11 @@ class PowerWarmup(DecaySchedule):
                 f"got {self.min_decay}."
             )
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
+    def _decay(self, s: Tensor) -> Tensor:
         # 1 - (1 + s/inv_gamma)^-p = -expm1(-p * log1p(s/inv_gamma)), accurate
         # when the result is close to 0 or to 1.
-        d = -tf.math.expm1(-self.power * tf.math.log1p(s / self.inv_gamma))
-        return tf.clip_by_value(d, self.min_decay, self.decay)
+        d = -ops.expm1(-self.power * ops.log1p(s / self.inv_gamma))
+        return ops.clip(d, self.min_decay, self.decay)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -402,21 +416,21 @@ class Debiased(DecaySchedule):
             )
         self.decay = _check_in(decay, "decay", 0.0, 1.0, "[0, 1)", high_open=True)
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
+    def _decay(self, s: Tensor) -> Tensor:
         if self.decay == 0.0:
-            return tf.zeros_like(s)
+            return ops.zeros_like(s)
         log_decay = math.log(self.decay)
         # d(s) = decay * (1 - decay^(s-1)) / (1 - decay^s), the differences via
         # expm1: accurate to a few ulps both for tiny decays and near 1.
-        num = tf.math.expm1((s - 1.0) * log_decay)
-        return self.decay * num / tf.math.expm1(s * log_decay)
+        num = ops.expm1((s - 1.0) * log_decay)
+        return self.decay * num / ops.expm1(s * log_decay)
 
-    def _decay_over(self, s: tf.Tensor, k: int) -> tf.Tensor:
+    def _decay_over(self, s: Tensor, k: int) -> Tensor:
         if self.decay == 0.0:
-            return tf.zeros_like(s)
+            return ops.zeros_like(s)
         log_decay = math.log(self.decay)
-        num = -tf.math.expm1((s - k) * log_decay)  # 1 - decay^(s - k)
-        den = -tf.math.expm1(s * log_decay)  # 1 - decay^s
+        num = -ops.expm1((s - k) * log_decay)  # 1 - decay^(s - k)
+        den = -ops.expm1(s * log_decay)  # 1 - decay^s
         return math.exp(k * log_decay) * num / den
 
     def get_config(self) -> dict[str, Any]:
@@ -466,12 +480,12 @@ class PowerFunction(DecaySchedule):
             self.gamma = sigma_rel_to_gamma(self.sigma_rel)
         self._given = "gamma" if gamma is not None else "sigma_rel"
 
-    def _decay(self, s: tf.Tensor) -> tf.Tensor:
+    def _decay(self, s: Tensor) -> Tensor:
         # (1 - 1/s)^(gamma + 1); log1p(-1) = -inf gives d(1) = 0.
-        return tf.exp((self.gamma + 1.0) * tf.math.log1p(-1.0 / s))
+        return ops.exp((self.gamma + 1.0) * ops.log1p(-1.0 / s))
 
-    def _decay_over(self, s: tf.Tensor, k: int) -> tf.Tensor:
-        return tf.exp((self.gamma + 1.0) * tf.math.log1p(-k / s))
+    def _decay_over(self, s: Tensor, k: int) -> Tensor:
+        return ops.exp((self.gamma + 1.0) * ops.log1p(-k / s))
 
     def get_config(self) -> dict[str, Any]:
         # Keep the argument that was given, so that the round trip is exact.

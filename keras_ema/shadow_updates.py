@@ -6,13 +6,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from keras_ema.backend.tensorflow import ShadowUpdater
+    from keras_ema.backend import ShadowUpdater
     from keras_ema.update_rule import UpdateRule
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_ema.backend.tensorflow import initial_value
+from keras_ema.backend import STEP_DTYPE, init_scope, initial_value
+
+# A backend tensor (Tensor, jax.Array).
+Tensor = Any
 
 
 class UpdatesShadows:
@@ -37,7 +40,7 @@ class UpdatesShadows:
     _set_untracked: Callable[..., None]
     _check_built: Callable[[str], None]
 
-    def decay_at(self, step: int | tf.Tensor) -> tf.Tensor:
+    def decay_at(self, step: int | Tensor) -> Tensor:
         """The per-step decay at optimizer step `step` (0 while copying).
 
         Args:
@@ -50,7 +53,7 @@ class UpdatesShadows:
         """
         return self._rule.decay_at(step, self._copy_first_step)
 
-    def current_decay(self) -> tf.Tensor:
+    def current_decay(self) -> Tensor:
         """The per-step decay at the latest step (`decay_at(step)`)."""
         self._check_built("current_decay")
         return self.decay_at(self.step)
@@ -81,17 +84,18 @@ class UpdatesShadows:
         nothing.
         """
         self._check_built("capture_before_first_step")
-        with tf.init_scope():
-            if int(self.step.numpy()) > 0:
+        with init_scope():
+            step = initial_value(self.step)
+            # On JAX the trace of a train step cannot read the step: the
+            # start of `fit` (`prepare_for_training`) captured the weights.
+            if step is None or int(step) > 0:
                 return
             if not self._copy_first_step and self._shadows_hold_variables():
                 return
         self._set_untracked(_copy_first_step=False)
 
         def capture(agreed):
-            tf.cond(
-                tf.equal(self.step, 0), self._updater.copy_constrained, lambda: None
-            )
+            self._updater.copy_constrained_if(ops.equal(self.step.value, 0))
 
         self._updater.run(capture)
 
@@ -103,13 +107,13 @@ class UpdatesShadows:
                 return False
             if getattr(variable, "constraint", None) is not None:
                 value = variable.constraint(value)
-            wanted = np.asarray(tf.cast(value, shadow.dtype))
+            wanted = ops.convert_to_numpy(ops.cast(value, shadow.dtype))
             if wanted.tobytes() != np.asarray(shadow.value).tobytes():
                 return False
         return True
 
     def update(
-        self, step: int | tf.Tensor | None = None, applied: tf.Tensor | None = None
+        self, step: int | Tensor | None = None, applied: Tensor | None = None
     ) -> None:
         """Updates the shadows for optimizer step `step`.
 
@@ -131,22 +135,12 @@ class UpdatesShadows:
         self._updater.run(self._update_cross_replica, step, applied)
 
     def _update_cross_replica(self, agreed, step, applied):
-        t = self.step + 1 if step is None else tf.cast(agreed(step), tf.int64)
+        last = self.step.value
+        t = last + 1 if step is None else ops.cast(agreed(step), STEP_DTYPE)
         due, must_copy = self._rule.conditions(t, self._copy_first_step)
-
-        def move():
-            dtypes = {shadow.dtype for shadow in self._shadows}
-            self._updater.move(self._rule.rates(t, dtypes))
-
-        body = move
-        if must_copy is not None:
-            body = lambda: tf.cond(must_copy, self._updater.copy, move)  # noqa: E731
+        dtypes = {shadow.dtype for shadow in self._shadows}
         if applied is not None:
             applied = agreed(applied)
-            due = applied if due is None else tf.logical_and(applied, due)
-            t = tf.where(applied, t, self.step)
-        if due is None:
-            body()
-        else:
-            tf.cond(due, body, lambda: None)
-        self.step.assign(t)
+            due = applied if due is None else ops.logical_and(applied, due)
+        self._updater.update(due, must_copy, lambda: self._rule.rates(t, dtypes))
+        self.step.assign(t if applied is None else ops.where(applied, t, last))

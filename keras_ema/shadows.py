@@ -6,9 +6,10 @@ import contextlib
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_ema.backend.tensorflow import initial_value
+from keras_ema import _compat
+from keras_ema.backend import VARIABLE_TYPES, initial_value
 
 
 def variable_path(variable) -> str:
@@ -48,12 +49,12 @@ def check_variables(variables: Sequence) -> list:
         ) from None
     paths = set()
     for variable in variables:
-        if not isinstance(variable, (keras.Variable, tf.Variable)):
+        if not isinstance(variable, VARIABLE_TYPES):
             raise TypeError(
                 "`variables` must hold keras.Variable or tf.Variable objects, "
                 f"got {type(variable).__name__}."
             )
-        if not tf.as_dtype(variable.dtype).is_floating:
+        if not keras.backend.is_float_dtype(variable.dtype):
             raise TypeError(
                 f"`variables` must be floating point; {variable_path(variable)!r}"
                 f" is {variable.dtype}."
@@ -70,8 +71,7 @@ def check_variables(variables: Sequence) -> list:
 
 def shadow_dtype_for(variable_dtype, shadow_dtype: str) -> str:
     """The dtype of a shadow: `shadow_dtype`, float64 for float64 variables."""
-    variable_dtype = tf.as_dtype(variable_dtype)
-    if variable_dtype == tf.float64:
+    if keras.backend.standardize_dtype(variable_dtype) == "float64":
         return "float64"
     return shadow_dtype
 
@@ -79,9 +79,11 @@ def shadow_dtype_for(variable_dtype, shadow_dtype: str) -> str:
 def create_shadows(variables: Sequence, shadow_dtype: str) -> tuple[dict, bool]:
     """Creates a shadow variable per variable, named by its relative path.
 
-    Call it in the name scope of the average, under `tf.init_scope` (so that
-    the shadows are ordinary, initialised variables even when created during
-    the first trace of a `tf.function`).
+    Call it in the name scope of the average, under the backend's
+    `init_scope` (on TF, so that the shadows are ordinary, initialised
+    variables even when created during the first trace of a `tf.function`).
+    Each shadow takes its variable's layout, so that under
+    `keras.distribution` it is sharded like the variable.
 
     Args:
         variables: The checked variables (see `check_variables`).
@@ -105,18 +107,19 @@ def create_shadows(variables: Sequence, shadow_dtype: str) -> tuple[dict, bool]:
             initial = initial_value(variable)
             if initial is None:
                 unreadable = True
-                initial = tf.zeros(variable.shape, dtype)
+                initial = ops.zeros(variable.shape, dtype)
             elif getattr(variable, "constraint", None) is not None:
                 # The average starts where training does: Keras constrains
                 # the weights after each update, never the initial ones.
                 initial = variable.constraint(initial)
             shadows[path] = keras.Variable(
-                tf.cast(initial, dtype),
+                ops.cast(initial, dtype),
                 dtype=dtype,
                 trainable=False,
                 autocast=False,
                 aggregation="only_first_replica",
                 name=leaf,
+                layout=_compat.variable_layout(variable),
             )
     return shadows, unreadable
 
@@ -134,7 +137,7 @@ def served_values(variables: Sequence, shadows: Sequence) -> list:
     for variable, shadow in zip(variables, shadows):
         if isinstance(shadow, keras.Variable):
             shadow = shadow.value
-        value = keras.ops.cast(shadow, variable.dtype)
+        value = ops.cast(shadow, variable.dtype)
         constraint = getattr(variable, "constraint", None)
         values.append(value if constraint is None else constraint(value))
     return values

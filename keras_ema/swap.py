@@ -50,7 +50,11 @@ class ExactSwap:
             )
         raw = [keras.ops.copy(v.value) for v in self.variables]
         for variable, value in zip(self.variables, values):
-            variable.assign(keras.ops.cast(_value(value), variable.dtype))
+            # A copy of its own: on JAX, an array held by a variable and by
+            # anything else (a shadow, a kept list) is invalidated when
+            # Keras's train or test step donates the variable's buffer.
+            value = keras.ops.cast(_value(value), variable.dtype)
+            variable.assign(keras.ops.copy(value))
         self.raw_values = raw
 
     def swap_out(self) -> None:

@@ -12,7 +12,32 @@ with D in closed form where the schedule has one (`decay_over`).
 
 from __future__ import annotations
 
-import tensorflow as tf
+from typing import Any
+
+from keras import ops
+
+from keras_ema import schedules
+from keras_ema._checks import check_int
+from keras_ema.backend import STEP_DTYPE, float64_available, schedule_dtype
+
+INITS = ("weights", "first_step")
+SHADOW_DTYPES = ("float32", "float64")
+
+
+def check_shadow_dtype(shadow_dtype: Any) -> str:
+    """`shadow_dtype`, checked: one of SHADOW_DTYPES, and available."""
+    if shadow_dtype not in SHADOW_DTYPES:
+        raise ValueError(
+            f"`shadow_dtype` must be one of {SHADOW_DTYPES}, got {shadow_dtype!r}."
+        )
+    if shadow_dtype == "float64" and not float64_available():
+        raise ValueError(
+            "`shadow_dtype='float64'` needs float64 arrays, which JAX only has "
+            "with `jax.config.update('jax_enable_x64', True)` (set before "
+            "creating the model). Keep the default `shadow_dtype='float32'`, "
+            "or enable x64."
+        )
+    return shadow_dtype
 
 
 class UpdateRule:
@@ -31,39 +56,53 @@ class UpdateRule:
         self.start_step = start_step
         self.init = init
 
-    def decay_at(self, step, copies_first_step: bool) -> tf.Tensor:
+    @classmethod
+    def checked(
+        cls, decay: Any, update_every: Any, start_step: Any, init: Any
+    ) -> UpdateRule:
+        """The rule of these arguments, each checked (ValueError/TypeError
+        naming it)."""
+        schedule = schedules.get(decay)
+        update_every = check_int(update_every, "update_every", 1)
+        start_step = check_int(start_step, "start_step", 0)
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
+        return cls(schedule, int(update_every), int(start_step), init)
+
+    def decay_at(self, step, copies_first_step: bool) -> Any:
         """The per-step decay at step t: 0 where the shadows copy, else d(s)."""
-        t = tf.cast(step, tf.int64)
+        t = ops.cast(step, STEP_DTYPE)
         s = t - self.start_step
-        copies = s <= 0
+        copies = ops.less_equal(s, 0)
         if self.init == "first_step" or copies_first_step:
-            copies = tf.logical_or(copies, tf.equal(t, 1))
-        return tf.where(copies, 0.0, self.schedule(tf.maximum(s, 1)))
+            copies = ops.logical_or(copies, ops.equal(t, 1))
+        return ops.where(copies, 0.0, self.schedule(ops.maximum(s, 1)))
 
     def rates(self, t, dtypes) -> dict:
-        """`1 - D` at step t for each shadow dtype, computed once in float64."""
+        """`1 - D` at step t for each shadow dtype, computed once (in float64
+        where the backend has it)."""
         k = self.update_every
-        s = tf.maximum(t - self.start_step, k)
-        rate = 1.0 - self.schedule.decay_over(s, k, dtype="float64")
-        return {dtype: tf.cast(rate, dtype) for dtype in dtypes}
+        s = ops.maximum(t - self.start_step, k)
+        rate = 1.0 - self.schedule.decay_over(s, k, dtype=schedule_dtype())
+        return {dtype: ops.cast(rate, dtype) for dtype in dtypes}
 
     def conditions(self, t, copies_first_step: bool):
         """`(due, must_copy)` at step t: boolean tensors, or None for always
         (due) and never (must_copy).
 
-        Conditions cost: every `tf.cond` around the shadows costs a pass over
+        Conditions cost: every condition around the shadows costs a pass over
         their handles even when it is not taken, so there is at most one, and
         none where the rule needs none.
         """
         s = t - self.start_step
         k = self.update_every
-        due = tf.equal(s % k, 0) if k > 1 else None
+        due = ops.equal(s % k, 0) if k > 1 else None
         must_copy = None
         copies_first_step = copies_first_step or self.init == "first_step"
         if self.start_step > 0 or copies_first_step:
-            must_copy = s <= 0
+            must_copy = ops.less_equal(s, 0)
             if copies_first_step:
-                must_copy = tf.logical_or(must_copy, tf.equal(t, 1))
+                must_copy = ops.logical_or(must_copy, ops.equal(t, 1))
             if due is not None:
-                due = tf.logical_or(due, must_copy)
+                due = ops.logical_or(due, must_copy)
         return due, must_copy

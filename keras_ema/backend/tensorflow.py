@@ -1,13 +1,15 @@
-"""The TensorFlow side of the average's update: fused kernels, tf.distribute.
+"""The TensorFlow side of keras_ema: fused kernels, tf.distribute, tracking.
 
 `ShadowUpdater` applies `shadow <- shadow - rate * (shadow - w)` (or a copy)
 to every shadow, in the replica or cross-replica context of a
-`tf.distribute` strategy, with the fewest kernels per variable.
+`tf.distribute` strategy, with the fewest kernels per variable, under
+`tf.cond` where the step rule needs a condition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -18,6 +20,62 @@ from keras_ema import _compat
 # Variables with at least this many elements are updated by one XLA-compiled
 # function when the step itself is not XLA-compiled (see `ShadowUpdater`).
 FUSE_MIN_SIZE = 1 << 20
+
+
+
+class Module(tf.Module):
+    """The base of an average: a `tf.Module`, so that `tf.train.Checkpoint`
+    (through the optimizer) tracks its shadows."""
+
+
+VARIABLE_TYPES: tuple[Any, ...] = (keras.Variable, tf.Variable)
+
+# Variables created under it are ordinary, initialised variables even when
+# created during the first trace of a `tf.function`.
+init_scope = tf.init_scope
+
+
+def float64_available() -> bool:
+    """Whether tensors can be float64: always on TensorFlow."""
+    return True
+
+
+def schedule_dtype() -> str:
+    """The dtype decay schedules compute in."""
+    return "float64"
+
+
+def strategy_scope(model):
+    """The scope of the `tf.distribute` strategy `model` was built under."""
+    return model.distribute_strategy.scope()
+
+
+# Optimizer steps see the whole model state on TensorFlow.
+NON_TRAINABLE_AVERAGE_UNSUPPORTED: str | None = None
+
+
+def apply_optimizer(optimizer, grads, trainable_variables=None):
+    """`optimizer.apply(grads, trainable_variables)`."""
+    optimizer.apply(grads, trainable_variables)
+
+
+def sync_training_state(model):
+    """Nothing to do: TF trains the variables in place."""
+    del model
+
+
+def snapshot(variable):
+    """The variable's value now, ordered before later writes in a graph."""
+    return tf.identity(variable)
+
+
+def check_built_outside_replica() -> None:
+    """Refuses to build an average inside `strategy.run`."""
+    if tf.distribute.has_strategy() and tf.distribute.get_replica_context() is not None:
+        raise ValueError(
+            "Build the average under `strategy.scope()` before "
+            "`strategy.run`: `ema.build(model.trainable_variables)`."
+        )
 
 
 def tf_variable(variable) -> tf.Variable:
@@ -135,6 +193,31 @@ class ShadowUpdater:
                 args=(tf_variable(variable), getattr(variable, "constraint", None)),
                 group=False,
             )
+
+    def update(self, due, must_copy, rates):
+        """Moves every shadow (or copies, where `must_copy`) if `due`.
+
+        Args:
+            due: Boolean scalar tensor, or None for always.
+            must_copy: Boolean scalar tensor, or None for never.
+            rates: A function returning `1 - D` per shadow dtype, called
+                only in the branch that moves the shadows.
+        """
+
+        def move():
+            self.move(rates())
+
+        body = move
+        if must_copy is not None:
+            body = lambda: tf.cond(must_copy, self.copy, move)  # noqa: E731
+        if due is None:
+            body()
+        else:
+            tf.cond(due, body, lambda: None)
+
+    def copy_constrained_if(self, condition):
+        """`copy_constrained()` where the boolean scalar `condition` holds."""
+        tf.cond(condition, self.copy_constrained, lambda: None)
 
     def move(self, rates):
         """`shadow -= rates[dtype] * (shadow - w)` for every shadow."""
