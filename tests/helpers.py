@@ -2,6 +2,15 @@
 
 import keras
 import numpy as np
+import pytest
+
+
+def tensorflow_only(reason, *params):
+    """Marks a test (or, given values, parameters) as TensorFlow-only."""
+    mark = pytest.mark.backend("tensorflow", reason=reason)
+    if not params:
+        return mark
+    return [pytest.param(p, marks=mark) for p in params]
 
 
 def reference_average(
@@ -25,6 +34,17 @@ def reference_average(
     return shadow
 
 
+def sync_state(model):
+    """Puts the training state back into the model's variables.
+
+    Keras's JAX trainer carries the state outside the variables between
+    epochs; a callback that reads weights mid-epoch asks for it back.
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+
+
 class RecordWeights(keras.callbacks.Callback):
     """Records the trainable weights (and, given the optimizer, the shadows
     and the average's step) after every training step."""
@@ -37,6 +57,7 @@ class RecordWeights(keras.callbacks.Callback):
         self.steps = []
 
     def on_train_batch_end(self, batch, logs=None):
+        sync_state(self.model)
         self.weights.append(values(self.model.trainable_variables))
         if self.optimizer is not None:
             averager = self.optimizer.averager
@@ -53,6 +74,7 @@ class RecordFirstBatch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.weights is None:
+            sync_state(self.model)
             self.weights = values(self.model.trainable_variables)
 
 

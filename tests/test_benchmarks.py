@@ -2,7 +2,11 @@
 
 import pathlib
 
-from helpers import run_python
+import pytest
+from helpers import run_python, tensorflow_only
+
+# These scripts measure the TensorFlow backend (the JAX one has its own).
+TENSORFLOW_SCRIPT = tensorflow_only("a TensorFlow benchmark script")
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -13,15 +17,18 @@ def run_quick(script):
     return result.stdout
 
 
+@TENSORFLOW_SCRIPT
 def test_quality_quick():
     out = run_quick("quality.py")
     assert "keras_ema" in out and "raw" in out
 
 
+@TENSORFLOW_SCRIPT
 def test_posthoc_quick():
     assert "sigma_rel" in run_quick("posthoc.py")
 
 
+@TENSORFLOW_SCRIPT
 def test_overhead_quick():
     out = run_quick("overhead.py")
     for heading in ("Training step", "Isolated update", "Graph ops"):
@@ -29,7 +36,15 @@ def test_overhead_quick():
     assert "kema k=10" in out
 
 
+@TENSORFLOW_SCRIPT
 def test_batchnorm_quick():
     out = run_quick("batchnorm.py")
     for heading in ("avg recomputed", "s per recompute"):
         assert heading in out, out[-3000:]
+
+
+@pytest.mark.backend("jax", reason="the JAX overhead benchmark")
+def test_overhead_jax_quick():
+    out = run_quick("overhead_jax.py")
+    assert "Training step time" in out and "kema k=10" in out, out[-3000:]
+    assert "max |kema - keras| average" in out and ": OK" in out, out[-3000:]

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import tensorflow_only
 
 import keras_ema
 from keras_ema import _compat
@@ -46,6 +47,7 @@ def data():
     return rng.normal(size=(8, 3)).astype("float32"), np.zeros((8, 1), "float32")
 
 
+@tensorflow_only("a TF tracking decorator (a no-op on JAX)")
 def test_no_automatic_dependency_tracking(tmp_path):
     class Holder(tf.Module):
         @_compat.no_automatic_dependency_tracking
@@ -62,6 +64,7 @@ def test_no_automatic_dependency_tracking(tmp_path):
         assert not any("kept" in key for key in keys), keys
 
 
+@tensorflow_only("tf.distribute")
 def test_maybe_merge_call():
     with private_name("maybe_merge_call"):
         assert (

@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import tensorflow_only
 
 SCRIPT = textwrap.dedent(
     """
@@ -72,6 +73,8 @@ SCRIPT = textwrap.dedent(
     }))
     """
 )
+
+pytestmark = tensorflow_only("tf.distribute strategies")
 
 
 # One process per mode: TF cannot run a second MirroredStrategy with

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+
+import pytest
+from helpers import tensorflow_only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
 
 
 def run(args, timeout=240, cwd=REPO):
-    """Runs `python *args`; returns (exit code, stdout + stderr)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    """Runs `python *args` on the backend under test; returns (exit code,
+    stdout + stderr)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
     result = subprocess.run(
         [sys.executable, *args],
@@ -24,6 +29,10 @@ def run(args, timeout=240, cwd=REPO):
         env=env,
     )
     return result.returncode, result.stdout + result.stderr
+
+
+def keras_backend():
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
 def example(name):
@@ -89,6 +98,7 @@ def test_train_mnist_bad_dataset(tmp_path):
     assert not (tmp_path / "mnist_ema").exists()
 
 
+@tensorflow_only("a tf.GradientTape loop with tf.train.Checkpoint")
 def test_custom_training_loop_and_resume(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     base = [example("custom_training_loop.py"), "--checkpoint-every", "20"]
@@ -114,7 +124,7 @@ def test_export_and_serve(tmp_path):
     )
     assert code == 0, out
     assert "served.serve(x) on 10 held-out images:" in out
-    assert "max |served - averaged model| = 0.0e+00" in out
+    assert_served_like_the_average(out)
     assert '"source": "keras_ema.EMAOptimizer"' in out
     assert "$ python -m keras_ema export" in out
     assert "the CLI's export serves the same outputs: True" in out
@@ -132,10 +142,35 @@ def test_export_and_serve(tmp_path):
     )
     assert code == 0, out
     assert f"Loaded {checkpoint}." in out and "All checks passed." in out
-    assert "max |served - averaged model| = 0.0e+00" in out
+    assert_served_like_the_average(out)
 
 
+def assert_served_like_the_average(out):
+    served = re.search(r"max \|served - averaged model\| = (\S+?);", out)
+    # On TF the SavedModel runs the same kernels: exact. On JAX Keras
+    # converts the model with jax2tf and TF kernels compute it: float32
+    # rounding (3e-8 measured on probabilities).
+    limit = 0.0 if keras_backend() == "tensorflow" else 1e-6
+    assert float(served[1]) <= limit, out
+
+
+@tensorflow_only("MultiWorkerMirroredStrategy (JAX: test_jax_two_process)")
 def test_multi_worker(tmp_path):
     code, out = run([example("multi_worker.py"), "--steps", "20"], cwd=tmp_path)
     assert code == 0, out
     assert "shadows identical on all 2 workers after 20 steps" in out
+
+
+@pytest.mark.backend("jax", reason="keras.distribution across two JAX processes")
+def test_jax_two_process(tmp_path):
+    code, out = run(
+        [example("jax_two_process.py"), "--steps", "4"], timeout=300, cwd=tmp_path
+    )
+    assert code == 0, out
+    for check in (
+        "PASS: shadows sharded like their weights",
+        "PASS: shadows match the float64 reference EMA",
+        "PASS: both processes end with identical weights and shadows",
+        "all checks passed",
+    ):
+        assert check in out, out

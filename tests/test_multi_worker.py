@@ -14,10 +14,13 @@ import time
 
 import numpy as np
 import pytest
+from helpers import tensorflow_only
 
 TIMEOUT = 240
 STEPS = 6
 GLOBAL_BATCH = 16
+
+pytestmark = tensorflow_only("tf.distribute strategies")
 
 WORKER_SCRIPT = r"""
 import json, os, sys, tempfile, traceback

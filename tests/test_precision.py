@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import sync_state, tensorflow_only
 
 import keras_ema
 
@@ -20,6 +21,7 @@ def policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@tensorflow_only("tf.function around the stateful update (JAX: test_jax.py)")
 def test_bfloat16_weights_get_float32_shadows_that_track_float64():
     """A bfloat16 weight trajectory averaged with decay 0.999: the float32
     shadow follows the float64 reference to float32 precision, while a
@@ -82,6 +84,7 @@ def test_low_precision_policies_in_fit(policy, name):
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
+            sync_state(model)
             recorded.append(
                 [v.numpy().astype(np.float64) for v in model.trainable_variables]
             )
@@ -98,6 +101,7 @@ def test_low_precision_policies_in_fit(policy, name):
         np.testing.assert_allclose(shadow.numpy(), reference, rtol=1e-5, atol=1e-6)
 
 
+@tensorflow_only("the TF train step's XLA graph")
 def test_xla_train_step_contains_the_update():
     """Under jit_compile=True the average's update is part of the one
     compiled train step: the HLO module updates the shadows (they are among

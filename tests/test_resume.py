@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import tensorflow_only
 
 SCRIPT = textwrap.dedent(
     """
@@ -170,6 +171,7 @@ def test_keras_file_resume_is_bit_exact(run):
     assert_same_state(resumed, reference, steps=12)
 
 
+@tensorflow_only("tf.train.CheckpointManager")
 def test_checkpoint_manager_custom_loop_after_a_crash(run):
     """A custom loop checkpointing every step dies after step 7; a fresh
     process restores the latest checkpoint and finishes the 12 steps."""
