@@ -29,7 +29,7 @@ from typing import Any
 import keras
 
 from keras_ema import _compat
-from keras_ema.backend import strategy_scope
+from keras_ema.backend import install_non_trainable_step, strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.optimizer_state import SavedHold
@@ -484,11 +484,15 @@ def prepare_for_training(holder: WeightHolder) -> bool:
         # whatever was written since it was built.
         for averager in optimizer.averagers:
             averager.reset()
-    if not (optimizer.needs_non_trainable and model.built):
-        return False
-    with strategy_scope(model):
-        optimizer.track_non_trainable(model.non_trainable_variables)
-    return model.train_function is not None
+    if optimizer.needs_non_trainable and model.built:
+        with strategy_scope(model):
+            optimizer.track_non_trainable(model.non_trainable_variables)
+        retrace = True
+    else:
+        retrace = False
+    if optimizer.non_trainable_averager is not None:
+        retrace = install_non_trainable_step(model, ema_optimizer_of) or retrace
+    return retrace and model.train_function is not None
 
 
 class _TrainingGuard:

@@ -10,7 +10,7 @@ import keras
 from keras_ema import _compat, schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.backend import (
-    NON_TRAINABLE_AVERAGE_UNSUPPORTED,
+    AVERAGES_NON_TRAINABLE_IN_APPLY,
     apply_optimizer,
     snapshot,
 )
@@ -92,8 +92,7 @@ class EMAOptimizer(
         non_trainable: `"live"` (float non-trainable variables such as
             BatchNorm statistics stay as training leaves them) or
             `"average"` (they are averaged too; see `track_non_trainable`;
-            TensorFlow only: on JAX, recompute BatchNorm statistics with
-            `batchnorm_data=` instead).
+            on JAX, in `fit` and `train_on_batch`).
         name: Name of the optimizer.
 
     Example:
@@ -135,8 +134,6 @@ class EMAOptimizer(
                 f"`non_trainable` must be one of {NON_TRAINABLE_MODES}, got "
                 f"{non_trainable!r}."
             )
-        if non_trainable == "average" and NON_TRAINABLE_AVERAGE_UNSUPPORTED:
-            raise ValueError(NON_TRAINABLE_AVERAGE_UNSUPPORTED)
         config: dict[str, Any] = dict(
             decay=decay,
             update_every=update_every,
@@ -159,7 +156,9 @@ class EMAOptimizer(
             if non_trainable == "average"
             else None
         )
-        self._set_untracked(_attached=[], _introduced=None)
+        self._set_untracked(
+            _attached=[], _introduced=None, _non_trainable_after_step=False
+        )
         self._init_saving()
 
     @_compat.no_automatic_dependency_tracking
@@ -192,6 +191,13 @@ class EMAOptimizer(
         super().build(var_list)
         if self._pending_store is not None:
             self._load_entries(*self._pending_store)
+        if self.non_trainable_averager is not None and (
+            not AVERAGES_NON_TRAINABLE_IN_APPLY
+        ):
+            # Keras's JAX `fit` builds the optimizer before its train step;
+            # introduced now, the model's holder hands the average its
+            # non-trainable variables before the step is traced.
+            self._introduce_to_model()
 
     def apply(self, grads, trainable_variables=None):
         # Checked before anything is built: variables created in a trace

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 
 from keras_ema.averager import ExponentialMovingAverage
+from keras_ema.backend import AVERAGES_NON_TRAINABLE_IN_APPLY
+
+NON_TRAINABLE_OUTSIDE_FIT = (
+    "On JAX, EMAOptimizer(non_trainable='average') averages the non-trainable "
+    "variables after Keras's own train step (`model.fit`, `train_on_batch`), "
+    "which hands the optimizer the trainable variables only. In a train step "
+    "of your own, keep non_trainable='live' and recompute BatchNorm "
+    "statistics for the average (`batchnorm_data=` of EMASwap, ema_weights, "
+    "EMACheckpoint, export_saved_model)."
+)
 
 
 class OptimizerAverages:
@@ -23,6 +34,7 @@ class OptimizerAverages:
     averager: ExponentialMovingAverage
     non_trainable_averager: ExponentialMovingAverage | None
     _attached: list
+    _non_trainable_after_step: bool
     _set_untracked: Callable[..., None]
     _finish_non_trainable_load: Callable[[], None]
 
@@ -101,7 +113,9 @@ class OptimizerAverages:
         ]
         averager.build(floats)
         if self.averager.built:
-            averager.step.assign(self.averager.step)
+            # A copy: on JAX two variables holding one array are donated
+            # twice by Keras's train step.
+            averager.step.assign(keras.ops.copy(self.averager.step.value))
         self._finish_non_trainable_load()
 
     def average(self, variable: keras.Variable) -> keras.Variable:
@@ -121,5 +135,19 @@ class OptimizerAverages:
                     "call `optimizer.track_non_trainable("
                     "model.non_trainable_variables)` first."
                 )
-            averagers.append(self.non_trainable_averager)
+            if AVERAGES_NON_TRAINABLE_IN_APPLY:
+                averagers.append(self.non_trainable_averager)
+            elif not self._non_trainable_after_step:
+                raise ValueError(NON_TRAINABLE_OUTSIDE_FIT)
         return averagers + self._attached
+
+    @contextlib.contextmanager
+    def non_trainable_updated_after_step(self) -> Iterator[None]:
+        """Context manager: the train step run inside updates the average of
+        the non-trainable variables after the optimizer's (on JAX, where
+        `apply` does not see them)."""
+        self._set_untracked(_non_trainable_after_step=True)
+        try:
+            yield
+        finally:
+            self._set_untracked(_non_trainable_after_step=False)

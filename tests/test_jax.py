@@ -247,9 +247,21 @@ def test_float64_without_x64_is_a_clear_error():
         keras_ema.stateless.init_shadows([np.ones(2, "float32")], "float64")
 
 
-def test_non_trainable_average_is_refused_with_the_alternative():
-    with pytest.raises(ValueError, match="batchnorm_data"):
-        keras_ema.EMAOptimizer(keras.optimizers.SGD(), non_trainable="average")
+def test_non_trainable_average_outside_keras_train_step_says_what_to_do():
+    """Keras's train step updates the average of the non-trainable variables
+    after the optimizer's; a step of one's own cannot, and is told so."""
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.BatchNormalization(), keras.layers.Dense(1)]
+    )
+    optimizer = keras_ema.EMAOptimizer(
+        keras.optimizers.SGD(0.05), decay=DECAY, non_trainable="average"
+    )
+    optimizer.build(model.trainable_variables)
+    optimizer.track_non_trainable(model.non_trainable_variables)
+    grads = [keras.ops.ones(v.shape) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="train_on_batch.*batchnorm_data"):
+        optimizer.apply(grads, model.trainable_variables)
+    assert int(optimizer.averager.step.numpy()) == 0
 
 
 class StatelessStep(keras.Sequential):

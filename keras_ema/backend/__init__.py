@@ -30,7 +30,7 @@ else:
         "KERAS_BACKEND=jax before importing keras."
     )
 
-NON_TRAINABLE_AVERAGE_UNSUPPORTED = _active.NON_TRAINABLE_AVERAGE_UNSUPPORTED
+AVERAGES_NON_TRAINABLE_IN_APPLY = _active.AVERAGES_NON_TRAINABLE_IN_APPLY
 VARIABLE_TYPES = _active.VARIABLE_TYPES
 Module = _active.Module
 ShadowUpdater = _active.ShadowUpdater
@@ -38,6 +38,7 @@ apply_optimizer = _active.apply_optimizer
 check_built_outside_replica = _active.check_built_outside_replica
 float64_available = _active.float64_available
 init_scope = _active.init_scope
+install_non_trainable_step = _active.install_non_trainable_step
 initial_value = _active.initial_value
 schedule_dtype = _active.schedule_dtype
 snapshot = _active.snapshot
@@ -50,13 +51,14 @@ __all__ = [
     "BACKEND",
     "STEP_DTYPE",
     "Module",
-    "NON_TRAINABLE_AVERAGE_UNSUPPORTED",
+    "AVERAGES_NON_TRAINABLE_IN_APPLY",
     "apply_optimizer",
     "ShadowUpdater",
     "VARIABLE_TYPES",
     "check_built_outside_replica",
     "float64_available",
     "init_scope",
+    "install_non_trainable_step",
     "initial_value",
     "schedule_dtype",
     "snapshot",

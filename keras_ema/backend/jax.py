@@ -63,13 +63,10 @@ def strategy_scope(model):
     return contextlib.nullcontext()
 
 
-NON_TRAINABLE_AVERAGE_UNSUPPORTED: str | None = (
-    "EMAOptimizer(non_trainable='average') is not available on JAX: Keras's "
-    "JAX train step gives the optimizer the trainable variables only, so "
-    "BatchNorm's moving statistics cannot be averaged inside it. Recompute "
-    "them for the average instead: pass `batchnorm_data=` to EMASwap, "
-    "ema_weights, EMACheckpoint or export_saved_model."
-)
+# Keras's JAX train step gives the optimizer the trainable variables only;
+# the average of the non-trainable ones is updated after it (see
+# `NonTrainableStep`).
+AVERAGES_NON_TRAINABLE_IN_APPLY = False
 
 
 def apply_optimizer(optimizer, grads, trainable_variables=None):
@@ -229,6 +226,68 @@ class ShadowUpdater:
         """
         shadows, weights = self._values()
         self._assign(updated(shadows, weights, due, must_copy, rates, _cond))
+
+
+class NonTrainableStep:
+    """Stands in for a model's `train_step`: Keras's step, then the update of
+    the average of the non-trainable variables.
+
+    Keras's JAX train step hands `optimizer.stateless_apply` the trainable
+    variables only; the step's new non-trainable values (BatchNorm's moving
+    statistics) come out of the forward pass beside it. This runs the
+    original step, then `non_trainable_averager.update` in a
+    `StatelessScope` over the new non-trainable values and optimizer state,
+    inside the same jitted function. A step the optimizer skipped (its
+    average's step did not move) is not a step here either.
+
+    Args:
+        model: The model.
+        train_step: Its original `train_step`.
+        find_optimizer: Returns the model's `EMAOptimizer` (or None) now.
+    """
+
+    def __init__(self, model, train_step, find_optimizer):
+        self.model = model
+        self.train_step = train_step
+        self.find_optimizer = find_optimizer
+
+    @classmethod
+    def install(cls, model, find_optimizer) -> bool:
+        """Installs it on `model` once; returns whether it was new (a train
+        function traced before must be traced again)."""
+        if isinstance(model.__dict__.get("train_step"), cls):
+            return False
+        original = type(model).train_step.__get__(model)
+        object.__setattr__(model, "train_step", cls(model, original, find_optimizer))
+        return True
+
+    def __call__(self, state, data):
+        optimizer = self.find_optimizer(self.model)
+        averager = getattr(optimizer, "non_trainable_averager", None)
+        if averager is None or not averager.built:
+            return self.train_step(state, data)
+        variables = list(optimizer.variables)
+        step_index = [id(v) for v in variables].index(id(optimizer.averager.step))
+        before = state[2][step_index]
+        with optimizer.non_trainable_updated_after_step():
+            logs, state = self.train_step(state, data)
+        trainable, non_trainable, optimizer_state, metrics = state
+        mapping = list(zip(self.model.non_trainable_variables, non_trainable))
+        mapping += list(zip(variables, optimizer_state))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            applied = None
+            if optimizer._may_skip_steps():
+                applied = ops.not_equal(optimizer.averager.step.value, before)
+            averager.update(applied=applied)
+        optimizer_state = [scope.get_current_value(v) for v in variables]
+        return logs, (trainable, non_trainable, optimizer_state, metrics)
+
+
+def install_non_trainable_step(model, find_optimizer) -> bool:
+    """Makes `model`'s train step update the non-trainable average after it
+    (`NonTrainableStep`); returns whether the train function must be traced
+    again."""
+    return NonTrainableStep.install(model, find_optimizer)
 
 
 def training_forward(model) -> Callable:

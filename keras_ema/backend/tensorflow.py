@@ -50,8 +50,15 @@ def strategy_scope(model):
     return model.distribute_strategy.scope()
 
 
-# Optimizer steps see the whole model state on TensorFlow.
-NON_TRAINABLE_AVERAGE_UNSUPPORTED: str | None = None
+# Optimizer steps see the whole model state on TensorFlow: the average of
+# the non-trainable variables is updated in `EMAOptimizer.apply`.
+AVERAGES_NON_TRAINABLE_IN_APPLY = True
+
+
+def install_non_trainable_step(model, find_optimizer) -> bool:
+    """Nothing to install: `EMAOptimizer.apply` sees the whole state."""
+    del model, find_optimizer
+    return False
 
 
 def apply_optimizer(optimizer, grads, trainable_variables=None):
