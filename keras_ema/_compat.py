@@ -29,6 +29,18 @@ if keras.backend.backend() == "tensorflow":
 
     # Plain Python that autograph must leave alone (see the frame walks).
     do_not_convert = tf.autograph.experimental.do_not_convert
+
+    from tensorflow.python.ops import control_flow_util
+
+    def in_xla_context() -> bool:
+        """Whether the graph being traced will be compiled by XLA.
+
+        A conditional update takes another form under XLA (see
+        `keras_ema.backend.tensorflow.run_if`); a `tf.function` knows it is
+        `jit_compile=True` only through this private query.
+        """
+        graph = tf.compat.v1.get_default_graph()
+        return control_flow_util.GraphOrParentsInXlaContext(graph)
 else:
 
     def no_automatic_dependency_tracking(function):

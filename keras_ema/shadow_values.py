@@ -12,29 +12,24 @@ def updated(
     """New shadows: moved (or copied, where `must_copy`) if `due`.
 
     `due` and `must_copy` are boolean scalars, or None for always and
-    never; `rates()` gives `1 - D` per shadow dtype and is only called in
-    the branch that moves; `cond` is `ops.cond` or a stand-in for it.
+    never; `rates()` gives `1 - D` per shadow dtype and is only called
+    where the shadows may move; `cond` is `ops.cond` or a stand-in for it.
     `keras_ema.stateless` returns them; on JAX the shadow variables of an
     average are assigned them.
     """
 
     def move():
         rate = rates()
-        return [
-            s
-            - rate[keras.backend.standardize_dtype(s.dtype)]
-            * (s - ops.cast(w, s.dtype))
-            for s, w in zip(shadows, weights)
-        ]
+        new = []
+        for s, w in zip(shadows, weights):
+            w = ops.cast(w, s.dtype)
+            moved = s - rate[keras.backend.standardize_dtype(s.dtype)] * (s - w)
+            # A select, not a conditional: XLA fuses it into the update's
+            # loop, where a conditional would copy every weight into a
+            # buffer of its own at the steps that copy.
+            new.append(moved if must_copy is None else ops.where(must_copy, w, moved))
+        return new
 
-    def copy():
-        # A copy: outside a trace a cast to the same dtype is the weight's
-        # own array, which Keras's JAX train step would donate twice.
-        return [ops.copy(ops.cast(w, s.dtype)) for s, w in zip(shadows, weights)]
-
-    body = move
-    if must_copy is not None:
-        body = lambda: cond(must_copy, copy, move)  # noqa: E731
     if due is None:
-        return body()
-    return cond(due, body, lambda: list(shadows))
+        return move()
+    return cond(due, move, lambda: list(shadows))

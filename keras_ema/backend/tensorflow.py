@@ -124,6 +124,13 @@ def shadow_update(shadow, weight, rate):
     )
 
 
+def _shadow_update_or_copy(shadow, weight, rate, must_copy):
+    """`shadow_update`, or a copy of the weight where `must_copy` holds."""
+    weight = tf.cast(weight, shadow.dtype)
+    moved = shadow - rate * (shadow - weight)
+    return shadow.assign(tf.where(must_copy, weight, moved))
+
+
 def _shadow_copy(shadow, weight, constraint=None):
     value = tf.convert_to_tensor(weight)
     if constraint is not None:
@@ -147,6 +154,31 @@ def _fused_update_function(pairs):
             shadow_update(shadow, weight, rates[shadow.dtype.name])
 
     return tf.function(update, jit_compile=True, autograph=False)
+
+
+def run_if(condition, fn: Callable[[], None]) -> None:
+    """Runs `fn()` in a graph where the boolean scalar tensor `condition` holds.
+
+    Under XLA, a `tf.cond` whose branch writes variables copies every one of
+    them when the branch is not taken: the other branch passes the buffers
+    through, and XLA's copy insertion does not alias them (the compiled HLO
+    of an `update_every=10` step had one `copy` per shadow). A loop of at
+    most one iteration updates the variables in place and copies nothing.
+    """
+    if not _compat.in_xla_context():
+        tf.cond(condition, fn, lambda: None)
+        return
+
+    def body(iteration):
+        fn()
+        return (iteration + 1,)
+
+    tf.while_loop(
+        lambda iteration: iteration < tf.cast(condition, tf.int32),
+        body,
+        (tf.constant(0),),
+        maximum_iterations=1,
+    )
 
 
 class ShadowUpdater:
@@ -215,16 +247,24 @@ class ShadowUpdater:
             self.move(rates())
 
         body = move
-        if must_copy is not None:
+        if must_copy is not None and _compat.in_xla_context():
+            # A select fuses into the update's loop; a `tf.cond` would make
+            # XLA copy its result into the shadows.
+            body = lambda: self._for_each(  # noqa: E731
+                _shadow_update_or_copy, self.pairs, rates(), must_copy
+            )
+        elif must_copy is not None:
+            # Outside XLA a select is one more kernel per variable at every
+            # step; the branches cost a few ops in all.
             body = lambda: tf.cond(must_copy, self.copy, move)  # noqa: E731
         if due is None:
             body()
         else:
-            tf.cond(due, body, lambda: None)
+            run_if(due, body)
 
     def copy_constrained_if(self, condition):
         """`copy_constrained()` where the boolean scalar `condition` holds."""
-        tf.cond(condition, self.copy_constrained, lambda: None)
+        run_if(condition, self.copy_constrained)
 
     def move(self, rates):
         """`shadow -= rates[dtype] * (shadow - w)` for every shadow."""
@@ -238,11 +278,11 @@ class ShadowUpdater:
         self._fused(rates)
         self._for_each(shadow_update, self._unfused, rates)
 
-    def _for_each(self, fn, pairs, rates=None):
+    def _for_each(self, fn, pairs, rates=None, *extra):
         for shadow, variable in pairs:
             args: tuple = (tf_variable(variable),)
             if rates is not None:
-                args += (rates[shadow.dtype],)
+                args += (rates[shadow.dtype], *extra)
             self.strategy.extended.update(
                 tf_variable(shadow), fn, args=args, group=False
             )
