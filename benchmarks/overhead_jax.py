@@ -36,7 +36,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from tables import print_table  # noqa: E402
+from tables import fmt, paired, print_table, target_for  # noqa: E402
 
 import keras_ema  # noqa: E402
 
@@ -49,7 +49,6 @@ CONFIG_DOC = {
     "kema k=1": "keras_ema.EMAOptimizer(SGD, 0.999, update_every=1)",
     "kema k=10": "keras_ema.EMAOptimizer(SGD, 0.999, update_every=10)",
 }
-TARGETS = {"kema k=1": 0.8, "kema k=10": 0.15}  # overhead / Keras's overhead
 CHECK_LEARNING_RATE = 0.1  # large: the average visibly lags the weights
 CHECK_STEPS = 20
 
@@ -152,24 +151,6 @@ class Trainer:
         return seconds / self.steps
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def median(values):
-    return float(np.median(values))
-
-
-def iqr(values):
-    q25, q75 = np.percentile(values, [25, 75])
-    return float(q75 - q25)
-
-
-def fmt(value, digits=2):
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
 # ------------------------------------------------------------ correctness
 
 
@@ -250,18 +231,11 @@ def time_rounds(groups, args):
 
 
 def summarize(times, specs):
-    results = {}
-    for name in specs:
-        base = np.array(times[(name, "none")])
-        for config in CONFIGS:
-            t = np.array(times[(name, config)])
-            results[(name, config)] = {
-                "ms": median(t) * 1e3,
-                "ms_iqr": iqr(t) * 1e3,
-                "overhead": median(t - base) * 1e3,
-                "overhead_iqr": iqr(t - base) * 1e3,
-            }
-    return results
+    return {
+        (name, config): paired(times[(name, config)], times[(name, "none")])
+        for name in specs
+        for config in CONFIGS
+    }
 
 
 def step_rows(specs, results):
@@ -276,8 +250,8 @@ def step_rows(specs, results):
                 ratio = (
                     fmt(r["overhead"] / keras_overhead) if keras_overhead > 0 else "n/a"
                 )
-            if config in TARGETS:
-                limit = TARGETS[config]
+            limit = target_for(config, jit=True)
+            if limit is not None:
                 target = f"<= {limit:g}"
                 ok = keras_overhead > 0 and r["overhead"] <= limit * keras_overhead
                 verdict = "PASS" if ok else "MISS"

@@ -11,8 +11,8 @@ TENSORFLOW_SCRIPT = tensorflow_only("a TensorFlow benchmark script")
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_quick(script):
-    result = run_python(BENCHMARKS / script, "--quick")
+def run_quick(script, *args):
+    result = run_python(BENCHMARKS / script, "--quick", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -30,10 +30,11 @@ def test_posthoc_quick():
 
 @TENSORFLOW_SCRIPT
 def test_overhead_quick():
-    out = run_quick("overhead.py")
-    for heading in ("Training step", "Isolated update", "Graph ops"):
+    # The JAX rows (section 5) run in test_overhead_jax_quick.
+    out = run_quick("overhead.py", "--no-jax")
+    for heading in ("Training step", "Isolated update", "Graph ops", "compiled"):
         assert heading in out, out[-3000:]
-    assert "kema k=10" in out
+    assert "kema k=10" in out and "<= tf.train" in out
 
 
 @TENSORFLOW_SCRIPT
@@ -48,3 +49,10 @@ def test_overhead_jax_quick():
     out = run_quick("overhead_jax.py")
     assert "Training step time" in out and "kema k=10" in out, out[-3000:]
     assert "max |kema - keras| average" in out and ": OK" in out, out[-3000:]
+
+
+def test_memory_quick():
+    """On the active backend (the script runs on both)."""
+    out = run_quick("memory.py")
+    for heading in ("Bytes per parameter", "Peak memory during a swap", "PostHocEMA"):
+        assert heading in out, out[-3000:]
