@@ -142,6 +142,7 @@ class Trainer:
         dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
         self.iterator = iter(dataset)
         self.steps_per_call = steps_per_call
+        self.on_gpu = bool(tf.config.list_logical_devices("GPU"))
         self.model.make_train_function()
         start = time.perf_counter()
         for _ in range(2):  # trace, compile, warm up
@@ -153,7 +154,7 @@ class Trainer:
         start = time.perf_counter()
         logs = self.model.train_function(self.iterator)
         self.loss = float(logs["loss"])  # waits for the step to finish
-        if tf.config.list_logical_devices("GPU"):
+        if self.on_gpu:
             tf.test.experimental.sync_devices()  # and for its updates
         return (time.perf_counter() - start) / self.steps_per_call
 

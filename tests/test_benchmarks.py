@@ -56,3 +56,9 @@ def test_memory_quick():
     out = run_quick("memory.py")
     for heading in ("Bytes per parameter", "Peak memory during a swap", "PostHocEMA"):
         assert heading in out, out[-3000:]
+
+
+@TENSORFLOW_SCRIPT
+def test_fixed_cost_quick():
+    out = run_quick("fixed_cost.py")
+    assert "kema never due" in out and "vs keras" in out, out[-3000:]

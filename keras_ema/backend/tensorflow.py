@@ -2,8 +2,9 @@
 
 `ShadowUpdater` applies `shadow <- shadow - rate * (shadow - w)` (or a copy)
 to every shadow, in the replica or cross-replica context of a
-`tf.distribute` strategy, with the fewest kernels per variable, under
-`tf.cond` where the step rule needs a condition.
+`tf.distribute` strategy, with the fewest kernels per variable, under a
+condition where the step rule needs one (`run_if`: a `tf.cond`, or under XLA
+a loop of at most one iteration, which copies nothing when not taken).
 """
 
 from __future__ import annotations
