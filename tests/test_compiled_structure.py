@@ -7,8 +7,9 @@ change that adds a pass over memory fails here, not in a timing:
 - no array copies beyond those of the plain optimizer's step, whether or not
   the update is due (a conditional that passes buffers through makes XLA copy
   every shadow on the steps it skips);
-- one fused elementwise loop per variable for the update itself, reading the
-  weight the optimizer has just written.
+- one fused elementwise loop per variable for the update itself (the HLO
+  excerpts in benchmarks/README.md show it reading the weight the optimizer
+  has just written).
 """
 
 import re
