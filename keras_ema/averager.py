@@ -73,10 +73,30 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
             is kept in.
         name: Name of the average; prefixes the shadows' paths.
 
+    Raises:
+        TypeError: if `decay` is neither a number nor a schedule, or
+            `update_every` or `start_step` is not an int.
+        ValueError: if `decay` is outside [0, 1], `update_every < 1`,
+            `start_step < 0`, `init` or `shadow_dtype` is not one of the
+            accepted values (or `"float64"` without JAX's x64 mode), or
+            `name` is not a non-empty string without "/".
+
     Example:
 
     ```python
-    ema = keras_ema.ExponentialMovingAverage(decay=0.999)
+    # TensorFlow only: a custom loop with tf.GradientTape and tf.function.
+    # On JAX, write your own jax.jit step with keras_ema.stateless.
+    import keras
+    import keras_ema
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    optimizer = keras.optimizers.Adam(1e-2)
+    loss_fn = keras.losses.MeanSquaredError()
+    ema = keras_ema.ExponentialMovingAverage(decay=0.9)
 
     @tf.function
     def train_step(x, y):
@@ -84,10 +104,13 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
             loss = loss_fn(y, model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        ema.apply(model.trainable_variables)
+        ema.apply(model.trainable_variables)  # right after the update
 
-    with ema.swapped():
-        model.evaluate(x_val, y_val)
+    for start in range(0, 32, 8):
+        train_step(x[start : start + 8], y[start : start + 8])
+    assert int(ema.step) == 4
+    with ema.swapped():  # the averages in the variables, raw values after
+        print(float(loss_fn(y, model(x))))
     ```
     """
 
@@ -141,6 +164,12 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
         Args:
             variables: The floating-point variables to average, each with a
                 distinct path.
+
+        Raises:
+            TypeError: if `variables` is not a list of floating-point
+                variables.
+            ValueError: if the average is built already, or two variables
+                share a path.
         """
         if self.built:
             raise ValueError(
@@ -195,6 +224,12 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
     def average(self, variable: keras.Variable) -> keras.Variable:
         """Returns the shadow variable holding the average of `variable`.
 
+        Args:
+            variable: One of the averaged variables.
+
+        Returns:
+            Its shadow variable.
+
         Raises:
             TypeError: if `variable` is not a variable.
             ValueError: if the average is not built or `variable` is not one
@@ -230,6 +265,14 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
         Args:
             variables: The variables to average (on the first call), or the
                 same variables again. May be omitted once built.
+
+        Raises:
+            TypeError: if on the first call `variables` is not a list of
+                floating-point variables.
+            ValueError: if on the first call `variables` is None, or later
+                they are not the variables the average was built on, in
+                order.
+            RuntimeError: if the variables hold the averages (swapped in).
         """
         if not self.built:
             if variables is None:
@@ -257,6 +300,11 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
     # ----------------------------------------------------------------- config
 
     def get_config(self) -> dict:
+        """Returns the constructor arguments, the decay serialized.
+
+        Returns:
+            A dict for `from_config`.
+        """
         return {
             "decay": keras.saving.serialize_keras_object(self.schedule),
             "update_every": self.update_every,
@@ -268,6 +316,14 @@ class ExponentialMovingAverage(UpdatesShadows, SwapsShadows, Module):
 
     @classmethod
     def from_config(cls, config: dict) -> ExponentialMovingAverage:
+        """Creates an average (unbuilt) from the output of `get_config`.
+
+        Args:
+            config: The dict `get_config` returned.
+
+        Returns:
+            A new `ExponentialMovingAverage`.
+        """
         config = dict(config)
         config["decay"] = schedules.get(config["decay"])
         return cls(**config)

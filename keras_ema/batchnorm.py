@@ -168,7 +168,15 @@ class BatchNormData:
 
     @classmethod
     def get(cls, data: BatchNormInput, steps: int | None) -> BatchNormData | None:
-        """`BatchNormData(data, steps)`, or None when `data` is None."""
+        """`BatchNormData(data, steps)`, or None when `data` is None.
+
+        `steps` is the caller's `batchnorm_steps`, checked even without data
+        so that a bad value is refused where it is written.
+        """
+        if steps is not None and not _is_positive_int(steps):
+            raise ValueError(
+                f"`batchnorm_steps` must be a positive int or None, got {steps!r}."
+            )
         if data is None:
             return None
         return cls(data, steps)
@@ -286,9 +294,28 @@ def recompute_batchnorm(
     Example:
 
     ```python
-    with keras_ema.ema_weights(model):
-        keras_ema.recompute_batchnorm(model, (x_train, y_train), steps=50)
-        model.evaluate(x_test, y_test)
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(8),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(1),
+    ])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+
+    with keras_ema.ema_weights(model):  # the raw statistics come back after
+        batches = keras_ema.recompute_batchnorm(model, (x, y), batch_size=8)
+        assert batches == 4
+        print(model.evaluate(x, y, verbose=0))
     ```
     """
     if not isinstance(model, keras.Model):

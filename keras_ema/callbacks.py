@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import keras
 
@@ -95,15 +96,45 @@ class EMASwap(keras.callbacks.Callback):
         batchnorm_steps: How many batches of `batchnorm_data` to use
             (`None`: all).
 
+    Raises:
+        TypeError: if `swap_on_epoch` is not a bool, `batchnorm_data` is not
+            data, `decay` is neither a number nor a schedule, or
+            `update_every` or `start_step` is not an int.
+        ValueError: if `evaluate` or `on_train_end` is not one of the
+            accepted values, `update_every` or `start_step` is given without
+            `decay`, `decay` is outside [0, 1], `update_every < 1`,
+            `start_step < 0`, or `batchnorm_steps` is not a positive int or
+            None. At the start of `fit`: if the
+            model keeps no average and `decay` is None, keeps one configured
+            unlike `decay`, or keeps Keras's `use_ema=True` average with
+            `swap_on_epoch=False` or `ema_overwrite_frequency` set.
+
     Example:
 
     ```python
-    model.compile(optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam()),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x, y, validation_data=(x_val, y_val),
-              callbacks=[keras_ema.EMASwap(evaluate="both"),
-                         keras.callbacks.EarlyStopping(patience=3)])
-    # logs: val_accuracy (EMA), val_raw_accuracy (raw), ema_decay
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.randint(0, 3, size=32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    history = model.fit(
+        x, y, batch_size=8, validation_data=(x, y), epochs=2, verbose=0,
+        callbacks=[
+            keras_ema.EMASwap(evaluate="both"),
+            keras.callbacks.EarlyStopping(patience=3),
+        ],
+    )
+    # val_accuracy: the averaged weights'; val_raw_accuracy: the raw ones'.
+    assert {"val_accuracy", "val_raw_accuracy", "ema_decay"} <= set(history.history)
+    # With the callback, evaluate uses the average; the raw weights stay.
+    model.evaluate(x, y, verbose=0, callbacks=[keras_ema.EMASwap()])
     ```
     """
 
@@ -163,7 +194,14 @@ class EMASwap(keras.callbacks.Callback):
 
         Training does this by itself; this is for code that reads the
         weights, or a custom loop. Weights written into the model since the
-        average went in are the user's: they stay.
+        average went in are the user's: they stay. A model that holds its
+        raw weights is left as it is.
+
+        Args:
+            model: The Keras model.
+
+        Raises:
+            TypeError: if `model` is not a Keras model.
         """
         WeightHolder.of(model).swap_out()
 
@@ -252,7 +290,7 @@ class EMASwap(keras.callbacks.Callback):
         restorer = next(
             (c for c in reversed(self._restorers) if c.best_weights is not None),
             None,
-        )
+       )
         if restorer is not None and self.swap_on_epoch:
             # It will restore the weights it kept at its best epoch, which
             # were the average's: hold them as such, the raw weights aside.
@@ -360,23 +398,50 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
         batchnorm_steps: How many batches of `batchnorm_data` to use.
         **kwargs: `ModelCheckpoint`'s keyword arguments.
 
+    Raises:
+        TypeError: if `batchnorm_data` is not data.
+        ValueError: if `batchnorm_steps` is not a positive int or None,
+            or `ModelCheckpoint` refuses its arguments
+            (e.g. a `filepath` not ending in `.keras`, or not in
+            `.weights.h5` with `save_weights_only=True`). When saving: if
+            the model keeps no average.
+
     Example:
 
     ```python
-    model.fit(x, y, validation_data=(x_val, y_val), callbacks=[
-        keras_ema.EMASwap(),
-        keras_ema.EMACheckpoint("ckpt/ema-{epoch:02d}.keras",
-                                monitor="val_loss", save_best_only=True),
-    ])
+    import os
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss="mse",
+    )
+    path = os.path.join(tempfile.mkdtemp(), "best-ema.keras")
+    model.fit(
+        x, y, batch_size=8, validation_data=(x, y), epochs=2, verbose=0,
+        callbacks=[
+            keras_ema.EMASwap(),  # so that val_loss is the average's
+            keras_ema.EMACheckpoint(path, monitor="val_loss", save_best_only=True),
+        ],
+    )
+    averaged = keras.models.load_model(path)  # predicts like the average
+    print(averaged.evaluate(x, y, verbose=0))
     ```
     """
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         batchnorm_data: BatchNormInput = None,
         batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
-        **kwargs,
+        **kwargs: Any,
     ):
         BatchNormData.get(batchnorm_data, batchnorm_steps)  # checks them now
         self._batchnorm_args = (batchnorm_data, batchnorm_steps)
@@ -388,7 +453,17 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
-        """The average in while the checkpoint is written."""
+        """Context manager: the average in while the checkpoint is written.
+
+        Warns once per `fit` if the monitored `val_*` metric is not the
+        average's (no `EMASwap` in the fit).
+
+        Yields:
+            None, with the model holding its averaged weights.
+
+        Raises:
+            ValueError: if the model keeps no average.
+        """
         if (
             not self._warned
             and self.monitor.startswith("val_")

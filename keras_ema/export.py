@@ -56,8 +56,8 @@ def ema_weights(
         batchnorm_steps: How many batches of `batchnorm_data` to use
             (`None`: all).
 
-    Returns:
-        A context manager yielding `model`.
+    Yields:
+        `model`, holding its averaged weights.
 
     Raises:
         TypeError: if `model` is not a Keras model, or `batchnorm_data` is
@@ -65,13 +65,34 @@ def ema_weights(
         ValueError: if the model keeps no average, if the call is nested
             inside another `ema_weights` block on the same model, or if
             `batchnorm_steps` is not a positive int or None.
+        RuntimeError: from `fit` or `train_on_batch` called inside the
+            block.
 
     Example:
 
     ```python
+    import os
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+
+    raw_kernel = model.layers[0].kernel.numpy()
+    path = os.path.join(tempfile.mkdtemp(), "averaged.keras")
     with keras_ema.ema_weights(model):
-        model.evaluate(x_test, y_test)
-        model.save("averaged.keras")
+        print(model.evaluate(x, y, verbose=0))  # the average's loss
+        model.save(path)  # the averaged model
+    assert (model.layers[0].kernel.numpy() == raw_kernel).all()  # raw again
     ```
     """
     if not isinstance(model, keras.Model):
@@ -123,15 +144,46 @@ def export_saved_model(
         batchnorm_steps: How many batches of `batchnorm_data` to use.
 
     Returns:
-        The path of the export.
+        The path of the export (absolute).
+
+    Raises:
+        TypeError: if `model` is not a Keras model, `path` is not a path,
+            `overwrite` is not a bool, or `batchnorm_data` is not data.
+        ValueError: if `weights` is not one of the accepted values,
+            `batchnorm_data` is given with `weights="raw"`,
+            `batchnorm_steps` is not a positive int or None,
+            or (with `weights="ema"`) the model keeps no
+            average.
+        FileExistsError: if `path` exists and `overwrite` is False.
+        ImportError: if TensorFlow is not installed.
 
     Example:
 
     ```python
-    keras_ema.export_saved_model(model, "saved_models/classifier")
-    served = tf.saved_model.load("saved_models/classifier")
-    probabilities = served.serve(images)
-    json.loads(served.ema_info().numpy())["step"]
+    # Needs TensorFlow installed, on either backend (a TensorFlow SavedModel).
+    import json
+    import os
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+
+    path = os.path.join(tempfile.mkdtemp(), "regressor")
+    keras_ema.export_saved_model(model, path)
+    served = tf.saved_model.load(path)
+    print(served.serve(x[:2]))  # the averaged model's outputs
+    assert json.loads(served.ema_info().numpy())["average"]["step"] == 8
     ```
     """
     if not isinstance(model, keras.Model):

@@ -193,7 +193,33 @@ class WeightHolder:
     what it put in, and who asked for it (`held_by`).
 
     Args:
-        model: The Keras model.
+        model: The Keras model. Do not construct a holder yourself: `of`
+            makes the model's one holder and installs its training guard.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_ema
+    import numpy as np
+    from keras_ema.holder import WeightHolder
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=0.9),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+
+    holder = WeightHolder.of(model)
+    assert not holder.holds_average  # training leaves the raw weights in
+    with keras_ema.ema_weights(model):
+        assert holder.holds_average
+        print(holder.held_by)  # keras_ema.ema_weights
+    assert not holder.holds_average
+    ```
     """
 
     def __init__(self, model: keras.Model):
@@ -211,7 +237,17 @@ class WeightHolder:
 
     @classmethod
     def of(cls, model: keras.Model) -> WeightHolder:
-        """The model's holder (made at the first call, kept on the model)."""
+        """The model's holder (made at the first call, kept on the model).
+
+        Args:
+            model: The Keras model.
+
+        Returns:
+            The model's `WeightHolder`, the same object at every call.
+
+        Raises:
+            TypeError: if `model` is not a Keras model.
+        """
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"`model` must be a keras.Model, got {type(model).__name__}."
@@ -241,7 +277,15 @@ class WeightHolder:
 
     @property
     def holds_average(self) -> bool:
-        """Whether the model holds its average now (checked, not assumed)."""
+        """Whether the model holds its average now (checked, not assumed).
+
+        True too for a model loaded from a file saved while it held its
+        average; False once anything else wrote the weights over the
+        average (the weights there are then the user's).
+
+        Returns:
+            Whether the model holds its average.
+        """
         self.reconcile()
         return self._swap is not None
 

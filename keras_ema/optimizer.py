@@ -94,14 +94,44 @@ class EMAOptimizer(
             `"average"` (they are averaged too; see `track_non_trainable`;
             on JAX, in `fit` and `train_on_batch`).
         name: Name of the optimizer.
+        **kwargs: Not accepted: Keras's base optimizer arguments
+            (`learning_rate`, `clipnorm`, `weight_decay`, ...) belong on
+            `inner_optimizer`.
+
+    Attributes:
+        inner_optimizer: The wrapped optimizer.
+        averager: The `keras_ema.ExponentialMovingAverage` of the trainable
+            variables that this optimizer updates after each step.
+
+    Raises:
+        TypeError: if `inner_optimizer` is not a `keras.optimizers.Optimizer`,
+            `decay` is neither a number nor a schedule, or `update_every` or
+            `start_step` is not an int.
+        ValueError: if any `**kwargs` is given, `non_trainable`, `init` or
+            `shadow_dtype` is not one of the accepted values, `decay` is
+            outside [0, 1], `update_every < 1` or `start_step < 0`.
 
     Example:
 
     ```python
-    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(1e-3), decay=0.999)
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(1)]
+    )
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(1e-3), decay=0.9)
     model.compile(optimizer=optimizer, loss="mse")
-    model.fit(x, y, callbacks=[keras_ema.EMASwap()])
-    optimizer.average(model.layers[0].kernel)  # the shadow variable
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)  # trains the raw weights
+
+    kernel = model.layers[0].kernel
+    shadow = optimizer.average(kernel)  # the variable holding its average
+    assert shadow.shape == kernel.shape
+    with keras_ema.ema_weights(model):  # the averaged weights inside
+        print(model.evaluate(x, y, verbose=0))
     ```
     """
 
@@ -115,7 +145,7 @@ class EMAOptimizer(
         shadow_dtype: str = "float32",
         non_trainable: str = "live",
         name: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -170,7 +200,18 @@ class EMAOptimizer(
             setattr(self, name, value)
 
     @_compat.no_automatic_dependency_tracking
-    def build(self, var_list):
+    def build(self, var_list: list) -> None:
+        """Builds the wrapped optimizer (if needed) and the average.
+
+        `fit` calls it; custom loops may, or let the first `apply` do it.
+
+        Args:
+            var_list: The trainable variables to optimize and average.
+
+        Raises:
+            ValueError: if the wrapped optimizer was built for other
+                variables (it trained before, on another set).
+        """
         # The wrapped optimizer may have trained before it was wrapped.
         inner = self.inner_optimizer
         if not inner.built:
@@ -199,7 +240,23 @@ class EMAOptimizer(
             # non-trainable variables before the step is traced.
             self._introduce_to_model()
 
-    def apply(self, grads, trainable_variables=None):
+    def apply(self, grads: list, trainable_variables: list | None = None) -> None:
+        """Applies the wrapped optimizer's update, then the average's.
+
+        Args:
+            grads: The gradients, aligned with `trainable_variables`.
+            trainable_variables: The variables to update; needed on the
+                first call if the optimizer is not built.
+
+        Raises:
+            ValueError: if the optimizer is not built and
+                `trainable_variables` is None, or (with
+                `non_trainable="average"`) it has not been given the
+                non-trainable variables, or on JAX is called outside
+                Keras's own train step.
+            RuntimeError: if the model holds an average loaded from a file
+                and training would start from it.
+        """
         # Checked before anything is built: variables created in a trace
         # that then fails are left unusable.
         self._check_not_holding_loaded_average()
@@ -260,11 +317,24 @@ class EMAOptimizer(
         return variables
 
     def finalize_variable_values(self, var_list: list) -> None:
+        """Does nothing: the model keeps its raw weights after `fit`.
+
+        Args:
+            var_list: The model's trainable variables (ignored).
+        """
         # Deliberately keeps the raw weights in the model: training resumes
         # from them, and the average is swapped in where it is wanted.
         del var_list
 
-    def get_config(self):
+    def get_config(self) -> dict:
+        """Returns the configuration, the wrapped optimizer's included.
+
+        Returns:
+            A dict for `from_config`.
+
+        Raises:
+            ValueError: when saved in the legacy `.h5` format.
+        """
         if _compat.in_legacy_h5_save():
             raise ValueError(
                 "keras_ema's EMAOptimizer cannot be saved in the legacy `.h5` "
@@ -285,7 +355,19 @@ class EMAOptimizer(
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(
+        cls, config: dict, custom_objects: dict | None = None
+    ) -> EMAOptimizer:
+        """Creates an `EMAOptimizer` from the output of `get_config`.
+
+        Args:
+            config: The dict `get_config` returned.
+            custom_objects: Optional dict of custom objects, to deserialize
+                the wrapped optimizer.
+
+        Returns:
+            A new, unbuilt `EMAOptimizer`.
+        """
         config = dict(config)
         inner_optimizer = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects

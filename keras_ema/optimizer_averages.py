@@ -48,6 +48,10 @@ class OptimizerAverages:
 
         Args:
             averager: A built `keras_ema.ExponentialMovingAverage`.
+
+        Raises:
+            TypeError: if `averager` is not a built
+                `keras_ema.ExponentialMovingAverage`.
         """
         if not isinstance(averager, ExponentialMovingAverage) or not averager.built:
             raise TypeError(
@@ -59,7 +63,11 @@ class OptimizerAverages:
         self._set_untracked(_attached=self._attached + [averager])
 
     def detach(self, averager: ExponentialMovingAverage) -> None:
-        """Stops updating an average attached with `attach`."""
+        """Stops updating an average attached with `attach`.
+
+        Args:
+            averager: The attached average; one not attached is ignored.
+        """
         self._set_untracked(_attached=[a for a in self._attached if a is not averager])
 
     @property
@@ -97,6 +105,9 @@ class OptimizerAverages:
 
         Args:
             variables: The model's non-trainable variables.
+
+        Raises:
+            ValueError: if the optimizer has `non_trainable="live"`.
         """
         averager = self.non_trainable_averager
         if averager is None:
@@ -119,7 +130,19 @@ class OptimizerAverages:
         self._finish_non_trainable_load()
 
     def average(self, variable: keras.Variable) -> keras.Variable:
-        """Returns the shadow variable holding the average of `variable`."""
+        """Returns the shadow variable holding the average of `variable`.
+
+        Args:
+            variable: One of the trainable variables the optimizer updates.
+
+        Returns:
+            The shadow variable (float32 or wider, see `shadow_dtype`).
+
+        Raises:
+            TypeError: if `variable` is not a variable.
+            ValueError: if the optimizer is not built yet, or `variable` is
+                not one of the variables it averages.
+        """
         return self.averager.average(variable)
 
     def _averagers_to_update(self) -> list:

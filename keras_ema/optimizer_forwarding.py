@@ -107,14 +107,22 @@ class InnerOptimizerForwarding:
         return self.inner_optimizer.iterations
 
     def scale_loss(self, loss: Any) -> Any:
-        """The wrapped optimizer scales the loss (a `LossScaleOptimizer`)."""
+        """The wrapped optimizer scales the loss (a `LossScaleOptimizer`).
+
+        Args:
+            loss: The loss tensor.
+
+        Returns:
+            The loss as the wrapped optimizer scales it (unchanged without
+            loss scaling).
+        """
         return self.inner_optimizer.scale_loss(loss)
 
     def exclude_from_weight_decay(
         self,
         var_list: Sequence | None = None,
         var_names: Sequence[str] | None = None,
-    ) -> None:
+    ) -> Any:
         """Excludes variables from the wrapped optimizer's weight decay.
 
         Keras's own method would record the exclusions on the wrapper, which
@@ -129,6 +137,10 @@ class InnerOptimizerForwarding:
 
         Returns:
             What the wrapped optimizer's `exclude_from_weight_decay` returns.
+
+        Raises:
+            ValueError: if the optimizer whose weight decay applies is built
+                already.
         """
         target = self._configured_optimizer()
         if target.built:
@@ -153,6 +165,10 @@ class InnerOptimizerForwarding:
             weights: One array per variable, e.g.
                 `[v.numpy() for v in other.variables]` from an optimizer
                 configured alike and built on the same model.
+
+        Raises:
+            ValueError: if the optimizer is not built, or `weights` differ
+                from `optimizer.variables` in number or shapes.
         """
         if not self.built:
             raise ValueError(

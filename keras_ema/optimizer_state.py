@@ -193,14 +193,22 @@ class AverageSaving:
         )
 
     def set_holder(self, holder: Any) -> None:
-        """Tells the optimizer which `WeightHolder` holds its average in."""
+        """Tells the optimizer which `WeightHolder` holds its average in.
+
+        Args:
+            holder: The model's `keras_ema.holder.WeightHolder` (kept by weak
+                reference).
+        """
         self._set_untracked(_holder_ref=weakref.ref(holder))
 
     def take_loaded_hold(self) -> SavedHold | None:
         """What a loaded file saved holding the average kept aside.
 
-        Returns None if there is none (or not yet every average is built);
-        taking clears it.
+        Taking clears it.
+
+        Returns:
+            The kept raw weights (a `SavedHold`), or None if there are none
+            (or not every average is built yet).
         """
         hold = self._loaded_hold
         if hold is None or self._pending_non_trainable is not None:

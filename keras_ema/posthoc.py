@@ -34,6 +34,17 @@ from keras_ema.backend import strategy_scope, sync_training_state
 from keras_ema.holder import ema_optimizer_of, install_average
 from keras_ema.shadows import relative_paths
 
+__all__ = [
+    "PostHocEMA",
+    "list_snapshots",
+    "load_into",
+    "profile_inner_product",
+    "reconstruct",
+    "snapshot_name",
+    "solve_coefficients",
+    "sweep",
+]
+
 PathLike = str | os.PathLike
 SNAPSHOT_DTYPES = ("float16", "float32")
 _SNAPSHOT = re.compile(r"^phema-(?P<sigma_rel>\d+\.\d+)-(?P<step>\d+)\.npz$")
@@ -53,12 +64,36 @@ def profile_inner_product(
         (gamma_a + 1)(gamma_b + 1) m^(gamma_a + gamma_b + 1)
         / ((gamma_a + gamma_b + 1) t_a^(gamma_a + 1) t_b^(gamma_b + 1))
 
+    The arguments are floats or numpy arrays that broadcast together (so
+    that one call gives a whole Gram matrix); their values are not checked.
+
     Args:
-        t_a, gamma_a, t_b, gamma_b: Floats or broadcastable numpy arrays;
-            times > 0, exponents > 0.
+        t_a: The first profile's step (time), > 0.
+        gamma_a: The first profile's exponent, > 0.
+        t_b: The second profile's step, > 0.
+        gamma_b: The second profile's exponent, > 0.
 
     Returns:
-        The inner products, in float64.
+        The inner products, in float64, of the broadcast shape.
+
+    Raises:
+        ValueError: if an argument is not numeric, or the shapes do not
+            broadcast.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_ema
+    import numpy as np
+
+    inner = keras_ema.posthoc.profile_inner_product
+    # <p, p> = (gamma + 1)^2 / ((2 gamma + 1) t)
+    assert np.isclose(inner(1.0, 1.0, 1.0, 1.0), 4 / 3)
+    steps = np.array([1000.0, 2000.0])
+    gram = inner(steps[:, None], 7.0, steps, 7.0)  # 2 x 2
+    print(gram)
+    ```
     """
     t_a, gamma_a, t_b, gamma_b = (
         np.asarray(v, np.float64) for v in (t_a, gamma_a, t_b, gamma_b)
@@ -84,15 +119,52 @@ def solve_coefficients(
     are dense), normalises `x` to sum to 1, and measures the fit.
 
     Args:
-        steps, gammas: The snapshots' steps and exponents.
-        target_step, target_gamma: The profile to reconstruct.
+        steps: The snapshots' steps, a 1-D array.
+        gammas: The snapshots' exponents, aligned with `steps` (or one for
+            all).
+        target_step: The step of the profile to reconstruct.
+        target_gamma: The exponent of the profile to reconstruct.
 
     Returns:
-        `(coefficients, error)`: the coefficients, and the fitting error
+        `(coefficients, error)`: the coefficients (a float64 array aligned
+        with `steps`), and the fitting error
         `|sum_i x_i p_i - p_target| / |p_target|` (relative L2).
+
+    Raises:
+        ValueError: if an argument is not numeric, `steps` is empty or not
+            1-D, a step is not positive, or `gammas` does not broadcast
+            against `steps`.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_ema
+    from keras_ema.schedules import sigma_rel_to_gamma
+
+    # Snapshots of sigma_rel 0.05 and 0.10 at steps 1000 and 2000.
+    steps = [1000, 2000, 1000, 2000]
+    gammas = [sigma_rel_to_gamma(0.05)] * 2 + [sigma_rel_to_gamma(0.10)] * 2
+    coefficients, error = keras_ema.posthoc.solve_coefficients(
+        steps, gammas, target_step=2000, target_gamma=sigma_rel_to_gamma(0.08)
+    )
+    assert abs(coefficients.sum() - 1) < 1e-9
+    print(coefficients.round(3), f"relative error {error:.4f}")
+    ```
     """
     steps = np.asarray(steps, np.float64)
     gammas = np.asarray(gammas, np.float64)
+    if steps.ndim != 1 or steps.size == 0:
+        raise ValueError(
+            "`steps` must be a non-empty 1-D array of snapshot steps, got shape "
+            f"{steps.shape}."
+        )
+    if np.any(steps <= 0) or not float(target_step) > 0:
+        raise ValueError(
+            "`steps` and `target_step` must be positive: a power-function "
+            f"profile starts at step 1; got steps {steps.tolist()} and "
+            f"target_step {target_step!r}."
+        )
     a = profile_inner_product(steps[:, None], gammas[:, None], steps, gammas)
     b = profile_inner_product(steps, gammas, target_step, target_gamma)
     x = np.linalg.lstsq(a, b, rcond=None)[0]
@@ -106,11 +178,73 @@ def solve_coefficients(
 
 
 def snapshot_name(sigma_rel: float, step: int) -> str:
+    """The file name `PostHocEMA` gives the snapshot of `sigma_rel` at `step`.
+
+    `phema-<sigma_rel, 6 decimals>-<step, 10 digits>.npz`, the form
+    `list_snapshots` recognises. The values are not checked.
+
+    Args:
+        sigma_rel: The relative length of the average.
+        step: The optimizer step of the snapshot.
+
+    Returns:
+        The file name, without a directory.
+
+    Raises:
+        ValueError: if `sigma_rel` is a string, or `step` is not an
+            integer (the name's number formats refuse them).
+        TypeError: if `sigma_rel` or `step` is None.
+
+    Example:
+
+    ```python
+    import keras
+    import keras_ema
+
+    name = keras_ema.posthoc.snapshot_name(0.05, 1000)
+    assert name == "phema-0.050000-0000001000.npz"
+    ```
+    """
     return f"phema-{sigma_rel:.6f}-{step:010d}.npz"
 
 
 def list_snapshots(directory: PathLike) -> list[tuple[float, int, str]]:
-    """The snapshots in `directory` as `(sigma_rel, step, path)`, sorted."""
+    """The snapshots in `directory` as `(sigma_rel, step, path)`, sorted.
+
+    Files whose names are not snapshot names (`snapshot_name`) are ignored.
+
+    Args:
+        directory: A `PostHocEMA` directory.
+
+    Returns:
+        A list of `(sigma_rel, step, path)` tuples, sorted by `sigma_rel`,
+        then step.
+
+    Raises:
+        ValueError: if `directory` does not exist.
+
+    Example:
+
+    ```python
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    directory = tempfile.mkdtemp()
+    # 16 steps, a snapshot of each of the two averages every 4.
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[keras_ema.PostHocEMA(directory, every_n_steps=4)])
+    snapshots = keras_ema.posthoc.list_snapshots(directory)
+    assert [(s, step) for s, step, _ in snapshots[:2]] == [(0.05, 4), (0.05, 8)]
+    assert len(snapshots) == 8
+    ```
+    """
     if not os.path.isdir(directory):
         raise ValueError(f"`directory` {directory!r} does not exist.")
     found = []
@@ -176,12 +310,37 @@ class PostHocEMA(keras.callbacks.Callback):
             this `fit` would need more. The estimate is printed at train
             begin either way.
 
+    Raises:
+        TypeError: if `directory` is not a path, `sigma_rels` is not a
+            sequence, or one of them is not a real number.
+        ValueError: if `sigma_rels` is empty, has duplicates or a value
+            outside (0, 0.2887); `every_n_steps` or `update_every` is not a
+            positive int, or `every_n_steps` is not a multiple of
+            `update_every`; `dtype` is not one of the accepted values; or
+            `max_disk_bytes` is not a positive int or None. At the start of
+            `fit`: if the snapshots would exceed `max_disk_bytes`, or the
+            model's step does not continue the snapshots in `directory`.
+
     Example:
 
     ```python
-    model.fit(x, y, epochs=20, callbacks=[
-        keras_ema.PostHocEMA("phema", sigma_rels=(0.05, 0.10), every_n_steps=500)])
-    weights, coefficients, error = keras_ema.posthoc.reconstruct("phema", 0.08)
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    directory = tempfile.mkdtemp()
+    posthoc = keras_ema.PostHocEMA(directory, sigma_rels=(0.05, 0.10), every_n_steps=4)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[posthoc])
+
+    # After training: any sigma_rel from the stored snapshots.
+    keras_ema.posthoc.load_into(model, directory, sigma_rel=0.08)
+    print(model.evaluate(x, y, verbose=0))
     ```
     """
 
@@ -415,6 +574,35 @@ def reconstruct(
         to the model) to float32 array; a list of
         `(sigma_rel, step, coefficient)` per snapshot used; and the profile
         fitting error (relative L2).
+
+    Raises:
+        TypeError: if `sigma_rel` is not a real number.
+        ValueError: if `sigma_rel` is outside (0, 0.2887), `directory` does
+            not exist or holds no snapshot, `step` is not a positive int or
+            None, or no snapshot was taken at or before `step`.
+
+    Example:
+
+    ```python
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    directory = tempfile.mkdtemp()
+    # 16 steps, a snapshot of each of the two averages every 4.
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[keras_ema.PostHocEMA(directory, every_n_steps=4)])
+    weights, coefficients, error = keras_ema.posthoc.reconstruct(directory, 0.08)
+    print(sorted(weights))  # the variables' paths: ['bias', 'kernel']
+    sigma_rel, step, coefficient = coefficients[-1]  # one per snapshot used
+    print(f"{len(coefficients)} snapshots, profile fit error {error:.3f}")
+    ```
     """
     gamma = schedules.PowerFunction(sigma_rel=sigma_rel).gamma
     snapshots = list_snapshots(directory)
@@ -454,8 +642,43 @@ def load_into(
 ) -> tuple[list[tuple[float, int, float]], float]:
     """Assigns the reconstructed average of `sigma_rel` to `model`'s weights.
 
-    Variables are matched by path relative to the model. Returns the
-    coefficients and the fitting error, as `reconstruct` does.
+    Variables are matched by path relative to the model.
+
+    Args:
+        model: A model of the architecture the snapshots come from.
+        directory: A `PostHocEMA` directory.
+        sigma_rel: The relative length to reconstruct, in (0, 0.2887).
+        step: The step to reconstruct at (default: the last snapshot's).
+
+    Returns:
+        `(coefficients, error)`, as `reconstruct` returns them.
+
+    Raises:
+        TypeError: if `model` is not a Keras model, or `sigma_rel` is not a
+            real number.
+        ValueError: if the snapshots' variables do not match the model's
+            trainable variables, or for the reasons `reconstruct` gives.
+
+    Example:
+
+    ```python
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    directory = tempfile.mkdtemp()
+    # 16 steps, a snapshot of each of the two averages every 4.
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[keras_ema.PostHocEMA(directory, every_n_steps=4)])
+    coefficients, error = keras_ema.posthoc.load_into(model, directory, 0.08)
+    print(model.evaluate(x, y, verbose=0))  # the reconstructed average's loss
+    ```
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
@@ -496,7 +719,41 @@ def sweep(
 
     Returns:
         One dict per sigma_rel: `sigma_rel`, `metric`, `fit_error`.
+
+    Raises:
+        TypeError: if `model` is not a Keras model, `evaluate_fn` is not
+            callable, or a `sigma_rels` entry
+            is not a real number.
+        ValueError: for the reasons `load_into` gives.
+        ImportError: with `plot`, if matplotlib is not installed.
+
+    Example:
+
+    ```python
+    import tempfile
+
+    import keras
+    import keras_ema
+    import numpy as np
+
+    x = np.random.rand(32, 4).astype("float32")
+    y = np.random.rand(32, 1).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    directory = tempfile.mkdtemp()
+    # 16 steps, a snapshot of each of the two averages every 4.
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[keras_ema.PostHocEMA(directory, every_n_steps=4)])
+    rows = keras_ema.posthoc.sweep(
+        model, directory, sigma_rels=[0.05, 0.08, 0.10],
+        evaluate_fn=lambda m: m.evaluate(x, y, verbose=0),
+    )
+    best = min(rows, key=lambda row: row["metric"])
+    print(best["sigma_rel"], best["metric"])
+    ```
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
     if not callable(evaluate_fn):
         raise TypeError(f"`evaluate_fn` must be callable, got {evaluate_fn!r}.")
     original = [v.numpy() for v in model.trainable_variables]

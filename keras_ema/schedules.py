@@ -183,7 +183,12 @@ class DecaySchedule:
     Example:
 
     ```python
-    class Linear(DecaySchedule):
+    import keras
+    import keras_ema
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="my_project")
+    class Linear(keras_ema.schedules.DecaySchedule):
         # d(s) = min(decay, s / ramp)
         def __init__(self, decay, ramp):
             self.decay, self.ramp = decay, ramp
@@ -193,6 +198,12 @@ class DecaySchedule:
 
         def get_config(self):
             return {"decay": self.decay, "ramp": self.ramp}
+
+    schedule = Linear(0.99, ramp=100)
+    assert abs(float(schedule(50)) - 0.5) < 1e-6
+    # Without a closed form, the decay over k steps is the product.
+    assert abs(float(schedule.decay_over(50, k=2)) - 0.49 * 0.5) < 1e-6
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
     ```
     """
 
@@ -209,6 +220,12 @@ class DecaySchedule:
 
         Returns:
             A tensor of `dtype` with the decay, computed in float64 and cast.
+
+        Raises:
+            TypeError: if `step` is not an int or an integer tensor (bools
+                and floats included), or `dtype` is not a dtype.
+            ValueError: if `step` is an int < 1, or `dtype` is not a
+                floating dtype (or float64 on JAX without x64).
         """
         dtype = _check_dtype(dtype)
         s = _step_to_compute_dtype(step)
@@ -233,6 +250,12 @@ class DecaySchedule:
 
         Returns:
             A tensor of `dtype` with the decay over the `k` steps.
+
+        Raises:
+            TypeError: if `k` is not an int, `step` is not an int or an
+                integer tensor, or `dtype` is not a dtype.
+            ValueError: if `k < 1`, `step` is an int < `k`, or `dtype` is
+                not a floating dtype (or float64 on JAX without x64).
         """
         k = check_int(k, "k", 1)
         dtype = _check_dtype(dtype)
@@ -256,14 +279,25 @@ class DecaySchedule:
         return ops.prod(self._decay(steps), axis=-1)
 
     def get_config(self) -> dict[str, Any]:
-        """Returns the constructor arguments of the schedule as a dict."""
+        """Returns the constructor arguments of the schedule.
+
+        Returns:
+            A dict of the constructor arguments, for `from_config`.
+        """
         raise NotImplementedError(
             f"{type(self).__name__} must implement `get_config()`."
         )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DecaySchedule:
-        """Creates a schedule from the output of `get_config()`."""
+        """Creates a schedule from the output of `get_config()`.
+
+        Args:
+            config: The dict `get_config()` returned.
+
+        Returns:
+            A new schedule of this class.
+        """
         return cls(**config)
 
     def __repr__(self) -> str:
@@ -285,10 +319,21 @@ class Constant(DecaySchedule):
     Args:
         decay: float in `[0, 1]`.
 
+    Raises:
+        TypeError: if `decay` is not a real number.
+        ValueError: if `decay` is not in `[0, 1]`.
+
     Example:
 
-    >>> float(Constant(0.9).decay_over(5, k=2, dtype="float64"))
-    0.81
+    ```python
+    import keras
+    import keras_ema
+
+    schedule = keras_ema.schedules.Constant(0.9)
+    assert abs(float(schedule.decay_over(5, k=2)) - 0.81) < 1e-6  # 0.9 ** 2
+    # The same as decay=0.9:
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
+    ```
     """
 
     def __init__(self, decay: float):
@@ -315,10 +360,21 @@ class TFWarmup(DecaySchedule):
     Args:
         decay: float in `[0, 1]`, the asymptotic decay.
 
+    Raises:
+        TypeError: if `decay` is not a real number.
+        ValueError: if `decay` is not in `[0, 1]`.
+
     Example:
 
-    >>> float(TFWarmup(0.999)(1, dtype="float64"))  # (1 + 1) / (10 + 1)
-    0.18181818181818182
+    ```python
+    import keras
+    import keras_ema
+
+    schedule = keras_ema.schedules.TFWarmup(0.999)
+    assert abs(float(schedule(1)) - 2 / 11) < 1e-6  # (1 + 1) / (10 + 1)
+    assert abs(float(schedule(100_000)) - 0.999) < 1e-6  # the decay
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
+    ```
     """
 
     def __init__(self, decay: float):
@@ -347,11 +403,22 @@ class PowerWarmup(DecaySchedule):
         power: float `> 0`, the exponent of the warmup.
         min_decay: float in `[0, decay]`, the minimum decay.
 
+    Raises:
+        TypeError: if an argument is not a real number.
+        ValueError: if `decay` is not in `[0, 1]`, `inv_gamma` or `power`
+            is not a finite float > 0, or `min_decay` is not in
+            `[0, decay]`.
+
     Example:
 
-    >>> schedule = PowerWarmup(0.9999, inv_gamma=1.0, power=0.75)
-    >>> round(float(schedule(10_000, dtype="float64")), 6)
-    0.999
+    ```python
+    import keras
+    import keras_ema
+
+    schedule = keras_ema.schedules.PowerWarmup(0.9999, inv_gamma=1.0, power=0.75)
+    assert abs(float(schedule(10_000)) - 0.999) < 1e-6  # 1 - 10001 ** -0.75
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
+    ```
     """
 
     def __init__(
@@ -400,10 +467,21 @@ class Debiased(DecaySchedule):
     Args:
         decay: float in `[0, 1)` (1 gives the undefined `0 / 0`).
 
+    Raises:
+        TypeError: if `decay` is not a real number.
+        ValueError: if `decay` is not in `[0, 1)`.
+
     Example:
 
-    >>> float(Debiased(0.9)(2, dtype="float64"))  # (0.9 - 0.81) / (1 - 0.81)
-    0.4736842105263158
+    ```python
+    import keras
+    import keras_ema
+
+    schedule = keras_ema.schedules.Debiased(0.9)
+    assert float(schedule(1)) == 0.0  # the first update copies the weights
+    assert abs(float(schedule(2)) - 0.09 / 0.19) < 1e-6  # (0.9 - 0.81) / (1 - 0.81)
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
+    ```
     """
 
     def __init__(self, decay: float):
@@ -457,13 +535,23 @@ class PowerFunction(DecaySchedule):
         sigma_rel: float in `(0, sqrt(1/12))`, the relative standard deviation
             of the averaging profile (Karras et al. use 0.05 to 0.10).
 
+    Raises:
+        TypeError: if the argument given is not a real number.
+        ValueError: if neither or both of `gamma` and `sigma_rel` are
+            given, `gamma` is not a finite float > 0, or `sigma_rel` is not
+            in `(0, sqrt(1/12))`.
+
     Example:
 
-    >>> schedule = PowerFunction(sigma_rel=0.10)
-    >>> round(schedule.gamma, 2)
-    6.94
-    >>> float(schedule(1, dtype="float64"))
-    0.0
+    ```python
+    import keras
+    import keras_ema
+
+    schedule = keras_ema.schedules.PowerFunction(sigma_rel=0.10)
+    assert round(schedule.gamma, 2) == 6.94
+    assert float(schedule(1)) == 0.0  # the first update copies the weights
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=schedule)
+    ```
     """
 
     def __init__(self, gamma: float | None = None, sigma_rel: float | None = None):
@@ -513,15 +601,22 @@ def get(identifier: Any) -> DecaySchedule:
         A `DecaySchedule`.
 
     Raises:
-        TypeError: for any other `identifier` (including bools and strings).
+        TypeError: for any other `identifier` (including bools and strings),
+            or a dict that deserializes to something else.
         ValueError: for a number outside `[0, 1]`.
 
     Example:
 
-    >>> get(0.999)
-    Constant(decay=0.999)
-    >>> get(PowerFunction(gamma=7.0))
-    PowerFunction(gamma=7.0, sigma_rel=None)
+    ```python
+    import keras
+    import keras_ema
+
+    assert repr(keras_ema.schedules.get(0.999)) == "Constant(decay=0.999)"
+    schedule = keras_ema.schedules.PowerFunction(gamma=7.0)
+    assert keras_ema.schedules.get(schedule) is schedule
+    config = keras.saving.serialize_keras_object(schedule)
+    print(keras_ema.schedules.get(config))  # PowerFunction(gamma=7.0, ...)
+    ```
     """
     if isinstance(identifier, DecaySchedule):
         return identifier
@@ -563,10 +658,20 @@ def half_life_to_decay(steps: float) -> float:
     Returns:
         The decay, a float in `(0, 1)` (it may round to 1 for huge half-lives).
 
+    Raises:
+        TypeError: if `steps` is not a real number.
+        ValueError: if `steps` is not a finite float > 0.
+
     Example:
 
-    >>> round(half_life_to_decay(693.1), 6)
-    0.999
+    ```python
+    import keras
+    import keras_ema
+
+    decay = keras_ema.schedules.half_life_to_decay(693.1)
+    assert round(decay, 6) == 0.999
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=decay)
+    ```
     """
     steps = _check_positive(steps, "steps")
     return 0.5 ** (1.0 / steps)
@@ -583,10 +688,18 @@ def decay_to_half_life(decay: float) -> float:
     Returns:
         The half-life in steps, a float `> 0`.
 
+    Raises:
+        TypeError: if `decay` is not a real number.
+        ValueError: if `decay` is not in `(0, 1)`.
+
     Example:
 
-    >>> round(decay_to_half_life(0.999), 1)
-    692.8
+    ```python
+    import keras
+    import keras_ema
+
+    assert round(keras_ema.schedules.decay_to_half_life(0.999), 1) == 692.8
+    ```
     """
     decay = _check_in(decay, "decay", 0.0, 1.0, "(0, 1)", low_open=True, high_open=True)
     return math.log(0.5) / math.log(decay)
@@ -607,10 +720,22 @@ def scale_decay(decay: float, batch_size: float, reference_batch_size: float) ->
     Returns:
         The scaled decay, a float in `[0, 1]`.
 
+    Raises:
+        TypeError: if an argument is not a real number.
+        ValueError: if `decay` is not in `[0, 1]`, or a batch size is not a
+            finite float > 0.
+
     Example:
 
-    >>> scale_decay(0.9, batch_size=512, reference_batch_size=256)
-    0.81
+    ```python
+    import keras
+    import keras_ema
+
+    decay = keras_ema.schedules.scale_decay(
+        0.9, batch_size=512, reference_batch_size=256
+    )
+    assert abs(decay - 0.81) < 1e-12  # twice the batch: two steps in one
+    ```
     """
     decay = _check_decay(decay)
     batch_size = _check_positive(batch_size, "batch_size")
@@ -644,10 +769,18 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Returns:
         `gamma`, a float `> 0`.
 
+    Raises:
+        TypeError: if `sigma_rel` is not a real number.
+        ValueError: if `sigma_rel` is not in `(0, sqrt(1/12))`.
+
     Example:
 
-    >>> round(sigma_rel_to_gamma(0.05), 2)
-    16.97
+    ```python
+    import keras
+    import keras_ema
+
+    assert round(keras_ema.schedules.sigma_rel_to_gamma(0.05), 2) == 16.97
+    ```
     """
     sigma_rel = _check_sigma_rel(sigma_rel)
     t = sigma_rel**-2
@@ -673,10 +806,18 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     Returns:
         `sigma_rel`, a float in `(0, sqrt(1/12))`.
 
+    Raises:
+        TypeError: if `gamma` is not a real number.
+        ValueError: if `gamma` is not a finite float > 0.
+
     Example:
 
-    >>> round(gamma_to_sigma_rel(6.94), 3)
-    0.1
+    ```python
+    import keras
+    import keras_ema
+
+    assert round(keras_ema.schedules.gamma_to_sigma_rel(6.94), 3) == 0.1
+    ```
     """
     g = _check_positive(gamma, "gamma")
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))

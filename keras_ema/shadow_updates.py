@@ -54,7 +54,14 @@ class UpdatesShadows:
         return self._rule.decay_at(step, self._copy_first_step)
 
     def current_decay(self) -> Tensor:
-        """The per-step decay at the latest step (`decay_at(step)`)."""
+        """The per-step decay at the latest step (`decay_at(step)`).
+
+        Returns:
+            A float32 scalar tensor.
+
+        Raises:
+            ValueError: if the average is not built.
+        """
         self._check_built("current_decay")
         return self.decay_at(self.step)
 
@@ -64,6 +71,9 @@ class UpdatesShadows:
         Every shadow is set to its variable's value and the step to 0, as
         when the average is built. Call it outside a `tf.function` (or in the
         cross-replica context of a strategy).
+
+        Raises:
+            ValueError: if the average is not built.
         """
         self._check_built("reset")
         self._updater.run(lambda agreed: self._updater.copy_constrained())
@@ -124,6 +134,10 @@ class UpdatesShadows:
             applied: Optional boolean tensor: whether the optimizer really
                 applied this step. When false nothing moves, not even the
                 step count (a step skipped by a loss scaler is not a step).
+
+        Raises:
+            ValueError: if the average is not built.
+            RuntimeError: if the variables hold the averages (swapped in).
         """
         self._check_built("update")
         if self.is_swapped:

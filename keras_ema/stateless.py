@@ -58,9 +58,16 @@ def init_shadows(weights: Sequence, shadow_dtype: str = "float32") -> list:
 
     Example:
 
-    >>> shadows = init_shadows([np.ones((2, 2), "float16")])
-    >>> str(shadows[0].dtype)
-    'float32'
+    ```python
+    import keras
+    import keras_ema
+    import numpy as np
+
+    weights = [np.ones((2, 2), "float16"), np.zeros(3, "float32")]
+    shadows = keras_ema.stateless.init_shadows(weights)
+    dtypes = [keras.backend.standardize_dtype(s.dtype) for s in shadows]
+    assert dtypes == ["float32", "float32"]  # float16 gets a float32 shadow
+    ```
     """
     check_shadow_dtype(shadow_dtype)
     weights = _float_values(weights, "weights")
@@ -108,15 +115,29 @@ def update_shadows(
 
     Raises:
         TypeError: if `shadows` or `weights` are not lists of floating-point
-            arrays, or `step` is not an integer.
-        ValueError: if they differ in length or shapes, or an argument is
-            out of range.
+            arrays, `step`, `update_every` or `start_step` is not an
+            integer, or `decay` is neither a number nor a schedule.
+        ValueError: if they differ in length or shapes, `init` is not one of
+            the accepted values, or an argument is out of range (`step < 1`,
+            `decay` outside [0, 1], `update_every < 1`, `start_step < 0`).
 
     Example:
 
-    >>> shadows = update_shadows([np.zeros(2)], [np.ones(2)], step=2, decay=0.9)
-    >>> np.asarray(shadows[0]).round(6).tolist()
-    [0.1, 0.1]
+    ```python
+    import keras
+    import keras_ema
+    import numpy as np
+
+    shadows = keras_ema.stateless.init_shadows([np.zeros(2, "float32")])
+    weights = [np.ones(2, "float32")]  # the weights after each step's update
+    for step in (1, 2):  # in a jitted step, `step` is an integer tensor
+        shadows = keras_ema.stateless.update_shadows(
+            shadows, weights, step, decay=0.9
+        )
+    # 1 - 0.9**2 of the way from the initial weights to the new ones.
+    value = keras.ops.convert_to_numpy(shadows[0])
+    np.testing.assert_allclose(value, [0.19, 0.19], rtol=1e-6)
+    ```
     """
     rule = UpdateRule.checked(decay, update_every, start_step, init)
     shadows = _float_values(shadows, "shadows")

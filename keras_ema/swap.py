@@ -127,12 +127,20 @@ class SwapsShadows:
 
         The shadows are cast to each variable's dtype. Call `swap_out` to
         restore the raw values bit for bit.
+
+        Raises:
+            ValueError: if the average is not built, or is swapped in
+                already.
         """
         self._check_built("swap_in")
         self._swap.swap_in(served_values(self._averaged, self._shadows))
 
     def swap_out(self) -> None:
-        """Restores the raw values put aside by `swap_in`, bit for bit."""
+        """Restores the raw values put aside by `swap_in`, bit for bit.
+
+        Raises:
+            ValueError: if the average is not built, or not swapped in.
+        """
         self._check_built("swap_out")
         self._swap.swap_out()
 
@@ -141,6 +149,13 @@ class SwapsShadows:
         """Context manager: the averages inside, the raw values after.
 
         The raw values come back bit for bit on exit, exceptions included.
+
+        Yields:
+            The average itself.
+
+        Raises:
+            ValueError: if the average is not built, or is swapped in
+                already.
         """
         self.swap_in()
         try:

@@ -309,6 +309,7 @@ def test_export_and_checkpoint_carry_statistics_of_the_average(tmp_path):
         ({"steps": 0}, ValueError, "steps"),
         ({"steps": 1.5}, ValueError, "steps"),
         ({"steps": True}, ValueError, "steps"),
+        ({"data": None, "steps": 0}, ValueError, "steps"),
     ],
 )
 def test_bad_batchnorm_arguments(call, kwargs, error, match, tmp_path):

@@ -291,6 +291,14 @@ def test_reconstruct_bad_inputs(tmp_path):
         posthoc.reconstruct(str(tmp_path), 0.5)
     with pytest.raises(TypeError, match="model"):
         posthoc.load_into("model", str(tmp_path), 0.1)
+    with pytest.raises(TypeError, match="model"):
+        posthoc.sweep("model", str(tmp_path), [0.1], lambda m: 0.0)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        posthoc.solve_coefficients([], [], target_step=10, target_gamma=5.0)
+    with pytest.raises(ValueError, match="positive"):
+        posthoc.solve_coefficients([0, 10], [5.0, 5.0], 10, 5.0)
+    with pytest.raises(ValueError, match="positive"):
+        posthoc.solve_coefficients([5, 10], [5.0, 5.0], -1, 5.0)
 
 
 def test_disk_cap_refuses_before_training(tmp_path):
