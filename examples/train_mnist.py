@@ -27,6 +27,7 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -310,7 +311,8 @@ def plot(history, path, title):
     ax.plot(epochs, history["val_accuracy"], "s-", label="EMA weights")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(title)
+    # Titles name the data and the noise; wrap them to the figure's width.
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
