@@ -57,3 +57,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(
                     pytest.mark.skip(reason=f"{name} backend only: {reason}")
                 )
+
+
+# Folders a test wants named in the summary (test_docs_site.py's
+# screenshots), as `record_property("screenshots", path)`: the reports reach
+# this process from pytest-xdist's workers too.
+_SCREENSHOT_FOLDERS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "screenshots" and value not in _SCREENSHOT_FOLDERS:
+            _SCREENSHOT_FOLDERS.append(value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for folder in _SCREENSHOT_FOLDERS:
+        terminalreporter.write_line(f"screenshots of the docs site: {folder}")

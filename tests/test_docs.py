@@ -107,6 +107,8 @@ def test_docstring_examples(name, tmp_path):
         signature = inspect.signature(obj)
         if [p for p in signature.parameters if p != "self"] and "Args:" not in sections:
             problems.append(f"no 'Args:' section for {signature}")
+        if "raise " in _own_source(obj) and "Raises:" not in sections:
+            problems.append("raises, but has no 'Raises:' section")
         returns = signature.return_annotation
         if (
             not inspect.isclass(obj)
@@ -117,6 +119,16 @@ def test_docstring_examples(name, tmp_path):
     assert not problems, f"keras_ema.{name} ({page.path}): " + "; ".join(problems)
     globs = {"keras": keras, "keras_ema": keras_ema, "np": np}
     doc_blocks.run_page(page, tmp_path, globs=globs, base_dir=REPO)
+
+
+def _own_source(obj) -> str:
+    """The source of a function, or of a class's `__init__` (what it raises
+    for bad arguments); empty when it cannot be read."""
+    target = obj.__init__ if inspect.isclass(obj) else inspect.unwrap(obj)
+    try:
+        return inspect.getsource(target)
+    except (OSError, TypeError):
+        return ""
 
 
 @TF_ONLY
