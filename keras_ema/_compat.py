@@ -155,6 +155,20 @@ def keras_use_ema_pairs(optimizer) -> tuple[list, list]:
     )
 
 
+def schedule_free_pairs(optimizer) -> tuple[list, list]:
+    """The variables a built Keras `ScheduleFreeAdamW` trains, and its `z`
+    sequence for each (the variables it calls `momentum`): Keras keeps both
+    in private attributes and has no public way to ask for either."""
+    pairs = [
+        (variable, momentum)
+        for variable, momentum in zip(
+            optimizer._trainable_variables, optimizer._momentums
+        )
+        if momentum is not None
+    ]
+    return [v for v, _ in pairs], [m for _, m in pairs]
+
+
 def variables_built_for(optimizer) -> list:
     """The variables a built Keras optimizer can update.
 

@@ -27,6 +27,7 @@ from keras_ema.holder import (
     optimizer_chain,
     prepare_for_training,
 )
+from keras_ema.schedule_free import is_schedule_free
 
 EVALUATE_MODES = ("ema", "both")
 TRAIN_END_MODES = ("ema", "raw")
@@ -54,7 +55,9 @@ class EMASwap(keras.callbacks.Callback):
 
     Where the average comes from, in this order: a `keras_ema.EMAOptimizer`
     (also inside a `LossScaleOptimizer`); a Keras optimizer with
-    `use_ema=True` (its averages are swapped exactly); otherwise, with
+    `use_ema=True` (its averages are swapped exactly); a Keras
+    `ScheduleFreeAdamW` (its averaged point x, see
+    `keras_ema.schedule_free`); otherwise, with
     `decay` given, `EMASwap` wraps the compiled optimizer in an
     `EMAOptimizer` when training begins, so the update runs inside the
     compiled train step.
@@ -107,7 +110,8 @@ class EMASwap(keras.callbacks.Callback):
             None. At the start of `fit`: if the
             model keeps no average and `decay` is None, keeps one configured
             unlike `decay`, or keeps Keras's `use_ema=True` average with
-            `swap_on_epoch=False` or `ema_overwrite_frequency` set.
+            `swap_on_epoch=False` or `ema_overwrite_frequency` set, or a
+            `ScheduleFreeAdamW` (its own average) and `decay` is given.
 
     Example:
 
@@ -253,6 +257,18 @@ class EMASwap(keras.callbacks.Callback):
             return False
         chain = optimizer_chain(getattr(self.model, "optimizer", None))
         keras_average = next((o for o in chain if getattr(o, "use_ema", False)), None)
+        schedule_free = next((o for o in chain if is_schedule_free(o)), None)
+        if keras_average is None and schedule_free is not None:
+            if config is not None:
+                raise ValueError(
+                    "The model's ScheduleFreeAdamW keeps its own average (its "
+                    "point x), which EMASwap() swaps in; "
+                    f"EMASwap(decay={config['decay']!r}) would average its "
+                    "interpolated point y instead. Pass `EMASwap()`, or compile "
+                    "with `keras_ema.EMAOptimizer(ScheduleFreeAdamW(...), "
+                    "decay=...)` to average y."
+                )
+            return False
         if keras_average is None:
             if config is None:
                 raise ValueError(

@@ -37,7 +37,8 @@ def ema_weights(
     inside see the averaged model; `fit` and `train_on_batch` inside raise a
     RuntimeError instead of training the average. Works for models trained
     with `keras_ema.EMAOptimizer`, with a Keras optimizer's `use_ema=True`,
-    or with the average `keras_ema.EMASwap(decay=...)` installed. If the
+    with Keras's `ScheduleFreeAdamW` (its averaged point x goes in), or with
+    the average `keras_ema.EMASwap(decay=...)` installed. If the
     model holds its average already (left by `EMASwap` at the end of `fit`,
     or an earlier state of it restored by `EarlyStopping`), that is what the
     block serves, and the model keeps holding it after the block.

@@ -33,6 +33,7 @@ from keras_ema.backend import install_non_trainable_step, strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.optimizer_state import SavedHold
+from keras_ema.schedule_free import ScheduleFreeSource, is_schedule_free
 from keras_ema.shadows import served_values
 from keras_ema.swap import ExactSwap, weights_digest
 
@@ -46,7 +47,7 @@ HELD_BY_EARLY_STOPPING = "EarlyStopping(restore_best_weights=True) with EMASwap"
 NO_AVERAGE = (
     "The model keeps no moving average of its weights, or has not trained "
     "yet. Compile it with `keras_ema.EMAOptimizer(optimizer, decay=...)` or a "
-    "Keras optimizer with `use_ema=True`, or train it with "
+    "Keras optimizer with `use_ema=True` (or `ScheduleFreeAdamW`), or train it with "
     "`callbacks=[keras_ema.EMASwap(decay=...)]`."
 )
 CUSTOM_COMPILE_HINT = (
@@ -149,7 +150,7 @@ def _decay_text(schedule) -> str:
     return f"{type(schedule).__name__}({arguments})"
 
 
-def find_source(model) -> AverageSource | None:
+def find_source(model) -> AverageSource | ScheduleFreeSource | None:
     """The model's average, or None if it keeps none (yet).
 
     Only looks: it builds nothing, except to finish a load that arrived
@@ -172,6 +173,9 @@ def find_source(model) -> AverageSource | None:
         if getattr(candidate, "use_ema", False) and getattr(candidate, "built", False):
             variables, shadows = _compat.keras_use_ema_pairs(candidate)
             return AverageSource("keras_use_ema", candidate, variables, shadows)
+    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
+        if is_schedule_free(candidate) and candidate.built:
+            return ScheduleFreeSource(candidate)
     return None
 
 
@@ -263,11 +267,11 @@ class WeightHolder:
 
     # -------------------------------------------------------------- looking
 
-    def source(self) -> AverageSource | None:
+    def source(self) -> AverageSource | ScheduleFreeSource | None:
         """The model's average (see `find_source`)."""
         return find_source(self.model)
 
-    def require_source(self) -> AverageSource:
+    def require_source(self) -> AverageSource | ScheduleFreeSource:
         """The model's average; a ValueError saying what to do if none."""
         source = self.source()
         if source is None:

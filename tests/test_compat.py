@@ -159,6 +159,21 @@ def test_keras_use_ema_pairs_and_variables_built_for():
         assert [id(v) for v in built] == [id(v) for v in model.trainable_variables]
 
 
+@pytest.mark.skipif(
+    not hasattr(keras.optimizers, "ScheduleFreeAdamW"),
+    reason="keras.optimizers.ScheduleFreeAdamW is new in Keras 3.12",
+)
+def test_schedule_free_pairs():
+    with private_name("schedule_free_pairs"):
+        model = small_model()
+        optimizer = keras.optimizers.ScheduleFreeAdamW(0.1)
+        model.compile(optimizer, "mse")
+        model.fit(*data(), verbose=0)
+        variables, z = _compat.schedule_free_pairs(optimizer)
+        assert [id(v) for v in variables] == [id(v) for v in model.trainable_variables]
+        assert [m.shape for m in z] == [v.shape for v in variables]
+
+
 def test_evaluate_on_fit_validation_data():
     seen = {}
 
