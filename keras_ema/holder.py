@@ -420,8 +420,12 @@ class WeightHolder:
         index = {id(v): i for i, v in enumerate(self.model.weights)}
         # The statistics it kept too: those it was validated with.
         statistics = self._statistics.variables if self._statistics else []
+        # Variables outside the model that hold the average too (a
+        # schedule-free optimizer's z) take their model variable's value.
+        mirrors = getattr(source, "mirrors", {})
         for variable in swap.variables + statistics:
-            variable.assign(values[index[id(variable)]])
+            model_variable = mirrors.get(id(variable), variable)
+            variable.assign(values[index[id(model_variable)]])
         self._record(source, swap, HELD_BY_EARLY_STOPPING)
 
     @contextlib.contextmanager

@@ -36,9 +36,15 @@ class ScheduleFreeSource:
     """A `ScheduleFreeAdamW`'s averaged point `x`, as a swappable average.
 
     Quacks like `holder.AverageSource`: the holder swaps `shadows` into
-    `variables` exactly and puts `y` back afterwards. `shadows` is computed
-    when read, from the variables as they are, so read it only while the
-    model holds its raw weights (the holder does).
+    `variables` exactly and puts the raw values back afterwards. The
+    variables are the model's `y` and the optimizer's `z`, and both take
+    `x`: while the average is in, the optimizer's state describes `x`
+    (`x = y = z` is a state whose average is `x`), so a file saved then
+    (`EMACheckpoint`, `model.save` inside `ema_weights`) holds `x`, and a
+    model loaded from it serves `x` as its average and resumes training from
+    `x`, never taking `x` for `y`. `shadows` is computed when read, from the
+    variables as they are, so read it only while the model holds its raw
+    weights (the holder does).
 
     Args:
         optimizer: A built `keras.optimizers.ScheduleFreeAdamW`.
@@ -48,7 +54,8 @@ class ScheduleFreeSource:
 
     def __init__(self, optimizer: Any):
         self.optimizer = optimizer
-        self.variables, self._z = _compat.schedule_free_pairs(optimizer)
+        self._y, self._z = _compat.schedule_free_pairs(optimizer)
+        self.variables = self._y + self._z
 
     @property
     def beta_1(self) -> float:
@@ -57,12 +64,19 @@ class ScheduleFreeSource:
 
     @property
     def shadows(self) -> list:
-        """`x = (y - (1 - beta_1) z) / beta_1` for each variable."""
+        """`x = (y - (1 - beta_1) z) / beta_1` for each variable, for `y`
+        and again for `z`."""
         beta_1 = self.beta_1
-        return [
+        x = [
             ops.divide(ops.subtract(y.value, (1.0 - beta_1) * z.value), beta_1)
-            for y, z in zip(self.variables, self._z)
+            for y, z in zip(self._y, self._z)
         ]
+        return x + x
+
+    @property
+    def mirrors(self) -> dict:
+        """`id(z)` -> its model variable `y`: `z` holds what `y` holds."""
+        return {id(z): y for y, z in zip(self._y, self._z)}
 
     @property
     def step(self) -> int:

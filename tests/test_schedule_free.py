@@ -64,6 +64,7 @@ def test_x_is_swapped_in_and_y_restored_exactly():
         validation=validation,
     )
     y = values(model.trainable_variables)
+    z = values(optimizer._momentums)
     x = reference_x(model, optimizer)
     assert max_error(x, y) > 100 * X_TOLERANCE, "x and y should differ here"
     # The last validation ran on x, the raw one on y.
@@ -77,17 +78,22 @@ def test_x_is_swapped_in_and_y_restored_exactly():
         assert max_error(values(model.trainable_variables), x) < X_TOLERANCE
         assert WeightHolder.of(model).holds_average
     assert_bit_equal(values(model.trainable_variables), y, "y after the block")
-    # Training resumes from y: the next step starts where the last ended.
+    assert_bit_equal(values(optimizer._momentums), z, "z after the block")
     fit_quietly(model, epochs=1, validation=False)
 
 
-def test_checkpoint_file_holds_x_and_training_resumes_from_y(tmp_path):
+def test_a_file_saved_holding_x_serves_x_after_loading(tmp_path):
+    """The file holds x in the weights and in z, so the loaded model's state
+    defines x as its average: x is never taken for y, nor served wrongly."""
     model, optimizer = schedule_free_model()
     path = os.fspath(tmp_path / "x.keras")
     fit_quietly(model, [keras_ema.EMACheckpoint(path, monitor="loss")], epochs=2)
     x = reference_x(model, optimizer)
     loaded = keras.models.load_model(path)
     assert max_error(values(loaded.trainable_variables), x) < X_TOLERANCE
+    with keras_ema.ema_weights(loaded):
+        assert max_error(values(loaded.trainable_variables), x) < X_TOLERANCE
+    fit_quietly(loaded, epochs=1, validation=False)  # resumes, from x
 
 
 @tensorflow_only("SavedModel export")
@@ -179,3 +185,33 @@ def test_early_stopping_set_weights_and_refit():
     with keras_ema.ema_weights(model):
         assert max_error(values(model.trainable_variables), x) < X_TOLERANCE
     assert_bit_equal(values(model.trainable_variables), y, "y after the block")
+
+
+def test_swaps_during_fit_leave_training_bit_exact():
+    """EMASwap puts x into y and z at every validation and epoch end; the
+    training itself must not see it (both backends carry z differently)."""
+    runs = []
+    for callbacks in ([], [keras_ema.EMASwap(evaluate="both", on_train_end="raw")]):
+        model, optimizer = schedule_free_model(seed=3)
+        fit_quietly(model, callbacks, epochs=3)
+        runs.append(values(model.trainable_variables) + values(optimizer._momentums))
+    assert_bit_equal(runs[1], runs[0], "y and z with and without EMASwap")
+
+
+def test_checkpoints_with_swap_on_epoch_false_hold_y_and_z(tmp_path):
+    model, optimizer = schedule_free_model()
+    path = os.fspath(tmp_path / "raw.keras")
+    callbacks = [
+        keras_ema.EMASwap(swap_on_epoch=False, on_train_end="raw"),
+        keras.callbacks.ModelCheckpoint(path),
+    ]
+    fit_quietly(model, callbacks, epochs=2)
+    loaded = keras.models.load_model(path)
+    assert_bit_equal(
+        values(loaded.trainable_variables),
+        values(model.trainable_variables),
+        "y in the file",
+    )
+    assert_bit_equal(
+        values(loaded.optimizer._momentums), values(optimizer._momentums), "z"
+    )
