@@ -115,6 +115,11 @@ class KeptStatistics:
         self.swap.swap_out()
 
 
+def _check_steps(steps: Any, name: str) -> None:
+    if steps is not None and not _is_positive_int(steps):
+        raise ValueError(f"`{name}` must be a positive int or None, got {steps!r}.")
+
+
 class BatchNormData:
     """Training data to recompute BatchNorm statistics from, and how much.
 
@@ -140,8 +145,7 @@ class BatchNormData:
         steps: int | None = DEFAULT_BATCHNORM_STEPS,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ):
-        if steps is not None and not _is_positive_int(steps):
-            raise ValueError(f"`steps` must be a positive int or None, got {steps!r}.")
+        _check_steps(steps, "steps")
         if not _is_positive_int(batch_size):
             raise ValueError(
                 f"`batch_size` must be a positive int, got {batch_size!r}."
@@ -173,10 +177,7 @@ class BatchNormData:
         `steps` is the caller's `batchnorm_steps`, checked even without data
         so that a bad value is refused where it is written.
         """
-        if steps is not None and not _is_positive_int(steps):
-            raise ValueError(
-                f"`batchnorm_steps` must be a positive int or None, got {steps!r}."
-            )
+        _check_steps(steps, "batchnorm_steps")
         if data is None:
             return None
         return cls(data, steps)
