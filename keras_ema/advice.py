@@ -90,7 +90,7 @@ class JudgingAdvice:
         """At the end of `fit`: the initial weights' share of the average."""
         if self._said_initial or source.kind != "keras_ema":
             return
-        averager = source.optimizer.averager
+        averager = source.averager
         share = initial_share(averager)
         if share <= INITIAL_SHARE_LIMIT:
             return

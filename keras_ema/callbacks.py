@@ -27,10 +27,16 @@ from keras_ema.holder import (
     optimizer_chain,
     prepare_for_training,
 )
+from keras_ema.optimizer_averages import AverageChoice, check_average_choice
 from keras_ema.schedule_free import is_schedule_free
 
-EVALUATE_MODES = ("ema", "both")
+EVALUATE_MODES = ("ema", "both", "all")
 TRAIN_END_MODES = ("ema", "raw")
+SELECT_MODES = ("auto", "min", "max")
+# Metrics that are better when higher, for `select_mode="auto"` (as
+# Keras's EarlyStopping guesses from the name when it cannot ask the
+# metric).
+_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou")
 
 
 class EMASwap(keras.callbacks.Callback):
@@ -79,7 +85,13 @@ class EMASwap(keras.callbacks.Callback):
         evaluate: `"ema"`: validation during `fit` uses the averaged weights.
             `"both"`: the `val_*` logs hold the averaged weights' metrics and
             `val_raw_*` the raw weights', from one pass each over the same
-            validation data.
+            validation data. `"all"`: as `"both"`, and every average of an
+            `EMAOptimizer` with several decays is validated too, its
+            metrics logged as `val_<metric>_<label>` (`val_loss_ema0.999`;
+            a schedule's label comes from its config, e.g.
+            `val_loss_emaPowerFunction_sigma_rel0.05`; see
+            `EMAOptimizer.average_labels`): one more pass over the
+            validation data per average but the primary one.
         on_train_end: What the model holds when `fit` returns: `"ema"` (the
             averaged weights, the raw ones kept aside for the next training)
             or `"raw"`.
@@ -98,13 +110,28 @@ class EMASwap(keras.callbacks.Callback):
             once.
         batchnorm_steps: How many batches of `batchnorm_data` to use
             (`None`: all).
+        select: With `evaluate="all"`, a validation metric (`"val_loss"`,
+            `"val_accuracy"`): at the end of `fit` the average that scored
+            best on it in the last validation becomes the optimizer's
+            primary average (the one `ema_weights`, export, `EMACheckpoint`
+            and later validations use); the choice is printed and kept in
+            `selected_average` (its label). `None`: no selection.
+        select_mode: `"min"`, `"max"`, or `"auto"` (`"max"` for metrics
+            named like accuracy, AUC, precision, recall, F1 or IoU, else
+            `"min"`).
+
+    Attributes:
+        selected_average: The label of the average `select` chose at the
+            end of the latest `fit` (None before).
 
     Raises:
         TypeError: if `swap_on_epoch` is not a bool, `batchnorm_data` is not
             data, `decay` is neither a number nor a schedule, or
             `update_every` or `start_step` is not an int.
-        ValueError: if `evaluate` or `on_train_end` is not one of the
-            accepted values, `update_every` or `start_step` is given without
+        ValueError: if `evaluate`, `on_train_end` or `select_mode` is not
+            one of the accepted values, `select` is given without
+            `evaluate="all"` or does not start with `"val_"`,
+            `update_every` or `start_step` is given without
             `decay`, `decay` is outside [0, 1], `update_every < 1`,
             `start_step < 0`, or `batchnorm_steps` is not a positive int or
             None. At the start of `fit`: if the
@@ -152,9 +179,12 @@ class EMASwap(keras.callbacks.Callback):
         swap_on_epoch: bool = True,
         batchnorm_data: BatchNormInput = None,
         batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+        select: str | None = None,
+        select_mode: str = "auto",
     ):
         super().__init__()
         self._batchnorm = BatchNormData.get(batchnorm_data, batchnorm_steps)
+        _check_select(select, select_mode, evaluate)
         if decay is None:
             if update_every != 1 or start_step != 0:
                 raise ValueError(
@@ -187,6 +217,10 @@ class EMASwap(keras.callbacks.Callback):
         self.evaluate = evaluate
         self.on_train_end_mode = on_train_end
         self.swap_on_epoch = swap_on_epoch
+        self.select = select
+        self.select_mode = select_mode
+        self.selected_average: str | None = None
+        self._scores: dict = {}
         self._in_fit = False
         self._swapped_here = False
         self._restorers: list = []
@@ -233,6 +267,7 @@ class EMASwap(keras.callbacks.Callback):
             if isinstance(c, keras.callbacks.EarlyStopping) and c.restore_best_weights
         ]
         holder.emaswap_in_fit = self._in_fit = True
+        self._scores = {}
 
     def _check_source(self) -> bool:
         """Checks the model's average against this callback's arguments.
@@ -291,22 +326,45 @@ class EMASwap(keras.callbacks.Callback):
         holder = self._holder
         if self.swap_on_epoch:
             holder.swap_in(HELD_BY_EMASWAP, self._batchnorm)
-        validated = any(key.startswith("val_") for key in logs)
-        if self.evaluate == "both" and validated:
+        validation = {k[4:]: v for k, v in logs.items() if k.startswith("val_")}
+        if self.evaluate in ("both", "all") and validation:
             with holder.holding_raw():
                 raw_logs = _compat.evaluate_on_fit_validation_data(self.model)
             logs.update({f"val_raw_{k}": v for k, v in raw_logs.items()})
+        if self.evaluate == "all" and validation:
+            self._validate_every_average(validation, logs)
         logs["ema_decay"] = holder.require_source().current_decay()
+
+    def _validate_every_average(self, validation: dict, logs: dict) -> None:
+        """Logs `val_<metric>_<label>` for every average of the model's
+        `EMAOptimizer`: the primary one's from the validation just run, the
+        others' from a pass each, over the primary (restored exactly)."""
+        optimizer = ema_optimizer_of(self.model)
+        if optimizer is None:
+            return
+        holder = self._holder
+        for index, label in enumerate(optimizer.average_labels):
+            results = validation
+            if index != optimizer.primary:
+                with holder.holding_average(HELD_BY_EMASWAP, self._batchnorm, index):
+                    results = _compat.evaluate_on_fit_validation_data(self.model)
+            logs.update({f"val_{k}_{label}": v for k, v in results.items()})
+            if self.select is not None:
+                score = results.get(self.select[len("val_") :])
+                if score is not None:
+                    self._scores[index] = float(score)
 
     def on_train_end(self, logs=None):
         holder = self._holder
         self._in_fit = holder.emaswap_in_fit = False
         if holder.source() is None:
             return  # stopped before the first step
+        if self.select is not None and self._select_best():
+            holder.swap_out()  # the former primary average
         restorer = next(
             (c for c in reversed(self._restorers) if c.best_weights is not None),
             None,
-       )
+        )
         if restorer is not None and self.swap_on_epoch:
             # It will restore the weights it kept at its best epoch, which
             # were the average's: hold them as such, the raw weights aside.
@@ -318,6 +376,38 @@ class EMASwap(keras.callbacks.Callback):
             holder.swap_out()
         self._restorers = []
         self._advice.after_fit(holder.require_source())
+
+    def _select_best(self) -> bool:
+        """Makes the best-scoring average the primary one; returns whether
+        the primary changed."""
+        optimizer = ema_optimizer_of(self.model)
+        if optimizer is None or not self._scores:
+            warnings.warn(
+                f"EMASwap(select={self.select!r}) found no {self.select!r} of "
+                "the model's averages in this fit's validation logs (is there "
+                "validation data, and is the metric compiled?); the primary "
+                "average stays as it was.",
+                stacklevel=2,
+            )
+            return False
+        mode = self.select_mode
+        if mode == "auto":
+            name = self.select.lower()
+            mode = "max" if any(m in name for m in _HIGHER_IS_BETTER) else "min"
+        pick = max if mode == "max" else min
+        best = pick(self._scores, key=self._scores.get)
+        labels = optimizer.average_labels
+        previous = optimizer.primary
+        optimizer.select_average(best)
+        self.selected_average = labels[best]
+        scores = ", ".join(
+            f"{labels[i]} {score:.6g}" for i, score in sorted(self._scores.items())
+        )
+        print(
+            f"EMASwap: the primary average is now {labels[best]} (best "
+            f"{self.select}, {mode}, in the last validation: {scores})."
+        )
+        return best != previous
 
     # ---------------------------------------------- evaluation, prediction
 
@@ -343,6 +433,25 @@ class EMASwap(keras.callbacks.Callback):
 
     def on_predict_end(self, logs=None):
         self._end_judging()
+
+
+def _check_select(select, select_mode, evaluate) -> None:
+    if select_mode not in SELECT_MODES:
+        raise ValueError(
+            f"`select_mode` must be one of {SELECT_MODES}, got {select_mode!r}."
+        )
+    if select is None:
+        return
+    if not isinstance(select, str) or not select.startswith("val_"):
+        raise ValueError(
+            "`select` must be the name of a validation metric, such as "
+            f"'val_loss' or 'val_accuracy', got {select!r}."
+        )
+    if evaluate != "all":
+        raise ValueError(
+            f"`select`={select!r} picks among the averages that "
+            f"`evaluate='all'` validates; got evaluate={evaluate!r}."
+        )
 
 
 def _check_keras_average(optimizer, config, swap_on_epoch):
@@ -412,15 +521,19 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
             statistics recomputed by `EMASwap(batchnorm_data=...)`, those
             are saved as they are.
         batchnorm_steps: How many batches of `batchnorm_data` to use.
+        average: Which average to save, for an `EMAOptimizer` with several
+            decays (see `keras_ema.ema_weights`); `None`: the primary one.
         **kwargs: `ModelCheckpoint`'s keyword arguments.
 
     Raises:
-        TypeError: if `batchnorm_data` is not data.
+        TypeError: if `batchnorm_data` is not data, or `average` is not
+            None, an int, a float or a schedule.
         ValueError: if `batchnorm_steps` is not a positive int or None,
             or `ModelCheckpoint` refuses its arguments
             (e.g. a `filepath` not ending in `.keras`, or not in
             `.weights.h5` with `save_weights_only=True`). When saving: if
-            the model keeps no average.
+            the model keeps no average, or `average` names none of its
+            averages.
 
     Example:
 
@@ -457,10 +570,13 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
         *args: Any,
         batchnorm_data: BatchNormInput = None,
         batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+        average: AverageChoice = None,
         **kwargs: Any,
     ):
         BatchNormData.get(batchnorm_data, batchnorm_steps)  # checks them now
+        check_average_choice(average)
         self._batchnorm_args = (batchnorm_data, batchnorm_steps)
+        self.average = average
         super().__init__(*args, **kwargs)
 
     def on_train_begin(self, logs=None):
@@ -493,5 +609,5 @@ class EMACheckpoint(_compat.CheckpointWithSaveHook):
             )
             self._warned = True
         data, steps = self._batchnorm_args
-        with ema_weights(self.model, data, steps):
+        with ema_weights(self.model, data, steps, self.average):
             yield

@@ -202,7 +202,7 @@ def _inspect(args):
 
     model, holder = _load(args.checkpoint, args.custom_objects)
     source = holder.source()
-    averager = source.optimizer.averager
+    averager = source.averager
     metadata = source.metadata()
     decay = metadata["decay"]
     print(f"checkpoint:    {args.checkpoint}")

@@ -20,6 +20,7 @@ from keras_ema.batchnorm import (
     BatchNormInput,
 )
 from keras_ema.holder import HELD_BY_CONTEXT, WeightHolder
+from keras_ema.optimizer_averages import AverageChoice
 
 EXPORT_WEIGHTS = ("ema", "raw")
 
@@ -29,6 +30,7 @@ def ema_weights(
     model: keras.Model,
     batchnorm_data: BatchNormInput = None,
     batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+    average: AverageChoice = None,
 ) -> Iterator[keras.Model]:
     """Context manager: the model holds its averaged weights inside.
 
@@ -56,16 +58,22 @@ def ema_weights(
             `keras_ema.recompute_batchnorm` for the forms it takes).
         batchnorm_steps: How many batches of `batchnorm_data` to use
             (`None`: all).
+        average: Which average, for an `EMAOptimizer` with several decays:
+            its index, its decay, or its schedule (see
+            `EMAOptimizer.average_index`). `None`: the primary one. If the
+            model holds another of its averages, this one goes in over it
+            for the block, and the held one comes back after it.
 
     Yields:
         `model`, holding its averaged weights.
 
     Raises:
-        TypeError: if `model` is not a Keras model, or `batchnorm_data` is
-            not data.
+        TypeError: if `model` is not a Keras model, `batchnorm_data` is not
+            data, or `average` is not None, an int, a float or a schedule.
         ValueError: if the model keeps no average, if the call is nested
-            inside another `ema_weights` block on the same model, or if
-            `batchnorm_steps` is not a positive int or None.
+            inside another `ema_weights` block on the same model, if
+            `batchnorm_steps` is not a positive int or None, or `average`
+            names none of the model's averages.
         RuntimeError: from `fit` or `train_on_batch` called inside the
             block.
 
@@ -100,13 +108,13 @@ def ema_weights(
         raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
     batchnorm = BatchNormData.get(batchnorm_data, batchnorm_steps)
     holder = WeightHolder.of(model)
-    holder.require_source()
+    holder.require_source(average)
     if holder.holds_average and holder.held_by == HELD_BY_CONTEXT:
         raise ValueError(
             "`ema_weights` is already active on this model; nesting it would "
             "swap the average over itself."
         )
-    with holder.holding_average(HELD_BY_CONTEXT, batchnorm):
+    with holder.holding_average(HELD_BY_CONTEXT, batchnorm, average):
         yield model
 
 
@@ -118,6 +126,7 @@ def export_saved_model(
     input_signature: Any = None,
     batchnorm_data: BatchNormInput = None,
     batchnorm_steps: int | None = DEFAULT_BATCHNORM_STEPS,
+    average: AverageChoice = None,
 ) -> str:
     """Exports a TensorFlow SavedModel for serving, with the averaged weights.
 
@@ -143,15 +152,20 @@ def export_saved_model(
             the export's statistics match its weights (see
             `keras_ema.recompute_batchnorm`).
         batchnorm_steps: How many batches of `batchnorm_data` to use.
+        average: With `weights="ema"`, which average, for an
+            `EMAOptimizer` with several decays (see `ema_weights`); `None`:
+            the primary one.
 
     Returns:
         The path of the export (absolute).
 
     Raises:
         TypeError: if `model` is not a Keras model, `path` is not a path,
-            `overwrite` is not a bool, or `batchnorm_data` is not data.
+            `overwrite` is not a bool, `batchnorm_data` is not data, or
+            `average` is not None, an int, a float or a schedule.
         ValueError: if `weights` is not one of the accepted values,
-            `batchnorm_data` is given with `weights="raw"`,
+            `batchnorm_data` or `average` is given with `weights="raw"`,
+            `average` names none of the model's averages,
             `batchnorm_steps` is not a positive int or None,
             or (with `weights="ema"`) the model keeps no
             average.
@@ -201,6 +215,11 @@ def export_saved_model(
             "`batchnorm_data` recomputes statistics for the average; the raw "
             "weights have theirs. Drop it, or export `weights='ema'`."
         )
+    if average is not None and weights == "raw":
+        raise ValueError(
+            f"`average`={average!r} picks an average to export; "
+            "`weights='raw'` exports the raw weights. Drop one of them."
+        )
     tf = _tensorflow()
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
@@ -208,7 +227,7 @@ def export_saved_model(
             f"`path` {path!r} exists; pass `overwrite=True` to replace it."
         )
     holder = WeightHolder.of(model)
-    source = holder.require_source() if weights == "ema" else holder.source()
+    source = holder.require_source(average) if weights == "ema" else holder.source()
     if input_signature is None:
         input_signature = _compat.input_signature(model)
     metadata = {
@@ -232,7 +251,7 @@ def export_saved_model(
             # If the model holds its average already (inside `ema_weights`,
             # left by EMASwap, or an earlier state restored by EarlyStopping),
             # that is what goes out.
-            holding = holder.holding_average(HELD_BY_CONTEXT, batchnorm)
+            holding = holder.holding_average(HELD_BY_CONTEXT, batchnorm, average)
         with holding:
             # "recomputed", "averaged" or "raw"; None without BatchNorm.
             metadata["batchnorm_statistics"] = (

@@ -32,6 +32,7 @@ from keras_ema import _compat
 from keras_ema.backend import install_non_trainable_step, strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.optimizer import EMAOptimizer
+from keras_ema.optimizer_averages import AverageChoice, average_label
 from keras_ema.optimizer_state import SavedHold
 from keras_ema.schedule_free import ScheduleFreeSource, is_schedule_free
 from keras_ema.shadows import served_values
@@ -90,31 +91,47 @@ class AverageSource:
         optimizer: The optimizer keeping the average.
         variables: The model variables it averages.
         shadows: Their averages, aligned.
+        averager: For `"keras_ema"`: which of the optimizer's averages
+            (`EMAOptimizer.averages`) this is.
     """
 
-    def __init__(self, kind: str, optimizer, variables: Sequence, shadows: Sequence):
+    def __init__(
+        self,
+        kind: str,
+        optimizer,
+        variables: Sequence,
+        shadows: Sequence,
+        averager=None,
+    ):
         self.kind = kind
         self.optimizer = optimizer
         self.variables = list(variables)
         self.shadows = list(shadows)
+        self.averager = averager
+
+    @property
+    def index(self) -> int:
+        """Its index in the optimizer's averages (0 for a single average)."""
+        averages = getattr(self.optimizer, "averages", [self.averager])
+        return next(i for i, a in enumerate(averages) if a is self.averager)
 
     @property
     def step(self) -> int:
         """The optimizer step the average is at."""
         if self.kind == "keras_ema":
-            return int(keras.ops.convert_to_numpy(self.optimizer.averager.step))
+            return int(keras.ops.convert_to_numpy(self.averager.step))
         return int(keras.ops.convert_to_numpy(self.optimizer.iterations))
 
     def current_decay(self) -> float:
         """The per-step decay the average used at its latest step."""
         if self.kind == "keras_ema":
-            return float(self.optimizer.averager.current_decay())
+            return float(self.averager.current_decay())
         return 0.0 if self.step <= 1 else float(self.optimizer.ema_momentum)
 
     def describe(self) -> str:
         """How the user configured it, e.g. `EMAOptimizer(decay=0.999)`."""
         if self.kind == "keras_ema":
-            decay = self.optimizer.averager.schedule
+            decay = self.averager.schedule
             return f"keras_ema.EMAOptimizer(decay={_decay_text(decay)})"
         return (
             f"{type(self.optimizer).__name__}(use_ema=True, "
@@ -124,9 +141,10 @@ class AverageSource:
     def metadata(self) -> dict:
         """A JSON-able description: configuration, step, current decay."""
         if self.kind == "keras_ema":
-            config = self.optimizer.averager.get_config()
+            config = self.averager.get_config()
             return {
                 "source": "keras_ema.EMAOptimizer",
+                "label": average_label(self.averager.schedule),
                 **{key: config[key] for key in _CONFIG_KEYS},
                 "step": self.step,
                 "current_decay": self.current_decay(),
@@ -150,33 +168,45 @@ def _decay_text(schedule) -> str:
     return f"{type(schedule).__name__}({arguments})"
 
 
-def find_source(model) -> AverageSource | ScheduleFreeSource | None:
+def find_source(
+    model, average: AverageChoice = None
+) -> AverageSource | ScheduleFreeSource | None:
     """The model's average, or None if it keeps none (yet).
 
-    Only looks: it builds nothing, except to finish a load that arrived
-    before the optimizer was built (`load_weights` right after `compile`),
-    which needs the model's variables.
+    `average` picks one of an `EMAOptimizer`'s averages (see
+    `EMAOptimizer.average_index`; None: the primary one); other sources
+    keep one average, index 0. Only looks: it builds nothing, except to
+    finish a load that arrived before the optimizer was built
+    (`load_weights` right after `compile`), which needs the model's
+    variables.
     """
     optimizer = ema_optimizer_of(model)
     if optimizer is not None:
+        index = optimizer.average_index(average)  # checked before building
         if optimizer.has_pending_load:
             _finish_load(model, optimizer)
         if not optimizer.built:
             return None
-        return AverageSource(
-            "keras_ema",
-            optimizer,
-            optimizer.averaged_variables,
-            optimizer.shadow_variables,
-        )
+        averager, variables, shadows = optimizer.served_pairs(index)
+        return AverageSource("keras_ema", optimizer, variables, shadows, averager)
+    source: AverageSource | ScheduleFreeSource | None = None
     for candidate in optimizer_chain(getattr(model, "optimizer", None)):
         if getattr(candidate, "use_ema", False) and getattr(candidate, "built", False):
             variables, shadows = _compat.keras_use_ema_pairs(candidate)
-            return AverageSource("keras_use_ema", candidate, variables, shadows)
-    for candidate in optimizer_chain(getattr(model, "optimizer", None)):
-        if is_schedule_free(candidate) and candidate.built:
-            return ScheduleFreeSource(candidate)
-    return None
+            source = AverageSource("keras_use_ema", candidate, variables, shadows)
+            break
+    else:
+        for candidate in optimizer_chain(getattr(model, "optimizer", None)):
+            if is_schedule_free(candidate) and candidate.built:
+                source = ScheduleFreeSource(candidate)
+                break
+    if average not in (None, 0) and source is not None:
+        raise ValueError(
+            f"`average`={average!r}: the model's {type(source.optimizer).__name__} "
+            "keeps one average; several are kept by "
+            "keras_ema.EMAOptimizer(optimizer, decay=[...])."
+        )
+    return source
 
 
 def _finish_load(model, optimizer):
@@ -267,13 +297,17 @@ class WeightHolder:
 
     # -------------------------------------------------------------- looking
 
-    def source(self) -> AverageSource | ScheduleFreeSource | None:
+    def source(
+        self, average: AverageChoice = None
+    ) -> AverageSource | ScheduleFreeSource | None:
         """The model's average (see `find_source`)."""
-        return find_source(self.model)
+        return find_source(self.model, average)
 
-    def require_source(self) -> AverageSource | ScheduleFreeSource:
+    def require_source(
+        self, average: AverageChoice = None
+    ) -> AverageSource | ScheduleFreeSource:
         """The model's average; a ValueError saying what to do if none."""
-        source = self.source()
+        source = self.source(average)
         if source is None:
             hint = CUSTOM_COMPILE_HINT if _compile_is_custom(self.model) else ""
             raise ValueError(NO_AVERAGE + hint)
@@ -311,6 +345,7 @@ class WeightHolder:
         if source is not None and source.kind == "keras_ema":
             loaded = source.optimizer.take_loaded_hold()
             if loaded is not None:
+                source = self.require_source(loaded.average)
                 swap = ExactSwap(source.variables, "the loaded average")
                 swap.keep_aside(loaded.all_raw())
                 self._record(source, swap, HELD_BY_FILE, loaded.digest)
@@ -324,21 +359,27 @@ class WeightHolder:
 
     # ------------------------------------------------------------- swapping
 
-    def swap_in(self, held_by: str, batchnorm: BatchNormData | None = None) -> bool:
-        """Puts the average in, the raw weights aside.
+    def swap_in(
+        self,
+        held_by: str,
+        batchnorm: BatchNormData | None = None,
+        average: AverageChoice = None,
+    ) -> bool:
+        """Puts the average in (`average`: which one, see `find_source`),
+        the raw weights aside.
 
         With `batchnorm`, the BatchNorm statistics are then recomputed for
         the average from its data (once per hold); the raw model's
         statistics are kept aside too, and come back with the raw weights.
 
-        Returns False (and puts nothing in) if the model holds its average
-        already.
+        Returns False (and puts nothing in) if the model holds an average
+        already (`holding_average` puts another one in over it).
         """
         self.reconcile()
         swap = self._swap
         swapped = swap is None
         if swap is None:
-            source = self.require_source()
+            source = self.require_source(average)
             swap = ExactSwap(source.variables, "the average")
             swap.swap_in(served_values(source.variables, source.shadows))
             self._record(source, swap, held_by)
@@ -430,13 +471,23 @@ class WeightHolder:
 
     @contextlib.contextmanager
     def holding_average(
-        self, held_by: str, batchnorm: BatchNormData | None = None
+        self,
+        held_by: str,
+        batchnorm: BatchNormData | None = None,
+        average: AverageChoice = None,
     ) -> Iterator[None]:
         """Context manager: the average inside; afterwards, what was before.
 
-        `batchnorm` as for `swap_in`.
+        `batchnorm` and `average` as for `swap_in`. If the model holds
+        another of its averages, the one asked for goes in over it for the
+        block, and the one held comes back bit for bit after it.
         """
-        swapped = self.swap_in(held_by, batchnorm)
+        self.reconcile()
+        if self._swap is not None and not self._holds(average):
+            with self._holding_instead(held_by, batchnorm, average):
+                yield
+            return
+        swapped = self.swap_in(held_by, batchnorm, average)
         previous, self.held_by = self.held_by, held_by
         try:
             yield
@@ -445,6 +496,45 @@ class WeightHolder:
                 self.swap_out()
             elif self._swap is not None:
                 self.held_by = previous
+
+    def _holds(self, average: AverageChoice) -> bool:
+        """Whether the average held is the one `average` names."""
+        if average is None:
+            return True
+        wanted = self.require_source(average)
+        return getattr(self._source, "averager", None) is getattr(
+            wanted, "averager", None
+        )
+
+    @contextlib.contextmanager
+    def _holding_instead(self, held_by, batchnorm, average) -> Iterator[None]:
+        # Called holding another average: the one asked for goes in over it
+        # (with the BatchNorm statistics, if recomputed for it), recorded as
+        # held; afterwards the first comes back exactly, unless something
+        # else wrote the weights in the block (they are the user's then).
+        source = self.require_source(average)
+        outer = self._swap
+        statistics = [
+            v for v in batchnorm_statistics(self.model) if batchnorm is not None
+        ]
+        inner = ExactSwap(outer.variables + statistics, "another average")
+        inner.swap_in(
+            served_values(source.variables, source.shadows)
+            + [v.value for v in statistics]
+        )
+        saved = (self._source, self._digest, self.held_by)
+        self._source, self.held_by = source, held_by
+        if batchnorm is not None:
+            batchnorm.recompute(self.model)
+        self._digest = weights_digest(outer.variables)
+        try:
+            yield
+        finally:
+            if self._swap is outer and weights_digest(outer.variables) == self._digest:
+                inner.swap_out()
+                self._source, self._digest, self.held_by = saved
+            else:
+                self.reconcile()
 
     @contextlib.contextmanager
     def holding_raw(self) -> Iterator[None]:
@@ -497,6 +587,7 @@ class WeightHolder:
             self._digest,
             statistics.saved() if statistics else {},
             statistics.recomputed if statistics else False,
+            source.index,
         )
 
     # -------------------------------------------------------------- private

@@ -14,10 +14,11 @@ from keras_ema.backend import (
     apply_optimizer,
     snapshot,
 )
-from keras_ema.optimizer_averages import OptimizerAverages
+from keras_ema.optimizer_averages import OptimizerAverages, averages_of
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 from keras_ema.optimizer_state import AverageSaving
 from keras_ema.optimizer_steps import InnerSteps
+from keras_ema.shadow_updates import AverageGroup
 
 NON_TRAINABLE_MODES = ("live", "average")
 
@@ -165,29 +166,43 @@ class EMAOptimizer(
                 f"{non_trainable!r}."
             )
         config: dict[str, Any] = dict(
-            decay=decay,
             update_every=update_every,
             start_step=start_step,
             init=init,
             shadow_dtype=shadow_dtype,
         )
-        averager = ExponentialMovingAverage(name="average", **config)
+        averages = averages_of(decay, **config)
+        if len(averages) > 1 and non_trainable != "live":
+            raise ValueError(
+                "`non_trainable='average'` takes one decay; with several "
+                f"({len(averages)}), keep non_trainable='live' and recompute "
+                "BatchNorm statistics for the average judged (`batchnorm_data=` "
+                "of EMASwap, ema_weights, EMACheckpoint, export_saved_model)."
+            )
         super().__init__(learning_rate=0.0, name=name)
         self._outer_loss_scaling = False
         self.inner_optimizer = inner_optimizer
-        self.averager = averager
+        self.averager = averages[0]
+        # Tracked, so that tf.train.Checkpoint saves them with the optimizer.
+        self.extra_averages = averages[1:]
         self.non_trainable = non_trainable
         # Float non-trainable state (BatchNorm's moving statistics) has its
         # own average, with the same configuration and steps; integer state
         # stays live. Keras builds optimizers on the trainable variables
         # only, so these arrive through `track_non_trainable`.
         self.non_trainable_averager = (
-            ExponentialMovingAverage(name="average_non_trainable", **config)
+            ExponentialMovingAverage(
+                decay=decay, name="average_non_trainable", **config
+            )
             if non_trainable == "average"
             else None
         )
         self._set_untracked(
-            _attached=[], _introduced=None, _non_trainable_after_step=False
+            _attached=[],
+            _introduced=None,
+            _non_trainable_after_step=False,
+            _primary=0,
+            _group=None,
         )
         self._init_saving()
 
@@ -228,7 +243,10 @@ class EMAOptimizer(
                     f"e.g. keras_ema.EMAOptimizer(keras.optimizers."
                     f"{type(inner).__name__}(...)), as after unfreezing layers."
                 )
-        self.averager.build(var_list)
+        for averager in self.averages:
+            averager.build(var_list)
+        if self.extra_averages:
+            self._set_untracked(_group=AverageGroup(self.averages))
         super().build(var_list)
         if self._pending_store is not None:
             self._load_entries(*self._pending_store)
@@ -272,7 +290,8 @@ class EMAOptimizer(
             self.built = True
         # Until the first step, the average takes the weights that step
         # starts from, whatever happened to them since it was built.
-        self.averager.capture_before_first_step()
+        for averager in self.averages:
+            averager.capture_before_first_step()
         if self._introduced is None or self._introduced() is None:
             # Once is enough: eager steps call `apply` every step.
             self._introduce_to_model()
@@ -305,9 +324,9 @@ class EMAOptimizer(
     def variables(self) -> list:
         # Its own (iterations, learning rate), then the wrapped optimizer's
         # and the averages'.
-        variables = (
-            super().variables + self.inner_optimizer.variables + self.averager.variables
-        )
+        variables = super().variables + self.inner_optimizer.variables
+        for averager in self.averages:
+            variables += averager.variables
         if self.non_trainable_averager is not None:
             variables += self.non_trainable_averager.variables
         # Attached averages (not saved with it) too: on JAX, Keras's train
@@ -345,6 +364,10 @@ class EMAOptimizer(
             )
         averager_config = self.averager.get_config()
         del averager_config["name"]
+        if self.extra_averages:
+            averager_config["decay"] = [
+                keras.saving.serialize_keras_object(a.schedule) for a in self.averages
+            ]
         return {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(
@@ -372,5 +395,10 @@ class EMAOptimizer(
         inner_optimizer = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )
-        config["decay"] = schedules.get(config["decay"])
+        decay = config["decay"]
+        config["decay"] = (
+            [schedules.get(d) for d in decay]
+            if isinstance(decay, list)
+            else schedules.get(decay)
+        )
         return cls(inner_optimizer, **config)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import keras
 
+from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.backend import AVERAGES_NON_TRAINABLE_IN_APPLY
+
+AverageChoice = int | float | schedules.DecaySchedule | None
 
 NON_TRAINABLE_OUTSIDE_FIT = (
     "On JAX, EMAOptimizer(non_trainable='average') averages the non-trainable "
@@ -20,18 +24,72 @@ NON_TRAINABLE_OUTSIDE_FIT = (
 )
 
 
+def average_label(schedule: schedules.DecaySchedule) -> str:
+    """The name of an average in logs: `ema0.999` for a constant decay,
+    else `ema<Schedule>_<argument><value>...` from the schedule's config."""
+    config = schedule.get_config()
+    if isinstance(schedule, schedules.Constant):
+        return f"ema{config['decay']}"
+    arguments = "".join(f"_{k}{v}" for k, v in config.items() if v is not None)
+    return f"ema{type(schedule).__name__}{arguments}"
+
+
+def averages_of(decay: Any, **config: Any) -> list:
+    """One `ExponentialMovingAverage` per entry of `decay` (a decay or a
+    list of them), each checked; the first is named `average`, the others
+    `average_<i>`."""
+    entries = list(decay) if isinstance(decay, list | tuple) else [decay]
+    if not entries:
+        raise ValueError(
+            "`decay` must be a decay or a non-empty list of decays, got []."
+        )
+    averages = [
+        ExponentialMovingAverage(
+            decay=entry, name="average" if i == 0 else f"average_{i}", **config
+        )
+        for i, entry in enumerate(entries)
+    ]
+    labels = [average_label(a.schedule) for a in averages]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(
+            f"`decay` lists the same average more than once: {repeated}. Give "
+            "each decay once."
+        )
+    return averages
+
+
+def check_average_choice(average: Any) -> None:
+    """Raises a TypeError unless `average` is None, an int, a float or a
+    `DecaySchedule` (what may name one of an `EMAOptimizer`'s averages)."""
+    if average is not None and (
+        isinstance(average, bool)
+        or not isinstance(average, int | float | schedules.DecaySchedule)
+    ):
+        raise TypeError(
+            "`average` must be None, an index, a decay or a DecaySchedule, "
+            f"got {average!r} of type {type(average).__name__}."
+        )
+
+
 class OptimizerAverages:
     """The part of `EMAOptimizer` that knows which averages it updates.
 
-    Its own average of the trainable variables (`averager`), the optional
-    average of the float non-trainable ones (`non_trainable_averager`), and
-    averages attached by others (`PostHocEMA`'s), which it updates but does
-    not save. Needs `averager`, `non_trainable_averager`, `_attached`,
+    Its own averages of the trainable variables (`averages`: one per decay,
+    `averager` the first), the primary one of them (`primary`, the average
+    that `ema_weights`, export and `EMACheckpoint` use unless told
+    otherwise), the optional average of the float non-trainable ones
+    (`non_trainable_averager`), and averages attached by others
+    (`PostHocEMA`'s), which it updates but does not save. Needs `averager`,
+    `extra_averages`, `_primary`, `non_trainable_averager`, `_attached`,
     `_set_untracked` and `_finish_non_trainable_load` from the optimizer.
     """
 
     # Provided by EMAOptimizer (declared for type checkers).
     averager: ExponentialMovingAverage
+    extra_averages: list
+    _primary: int
+    _group: Any
     non_trainable_averager: ExponentialMovingAverage | None
     _attached: list
     _non_trainable_after_step: bool
@@ -71,14 +129,80 @@ class OptimizerAverages:
         self._set_untracked(_attached=[a for a in self._attached if a is not averager])
 
     @property
-    def averaged_variables(self) -> list:
-        """The model variables averaged, trainable then non-trainable."""
-        return [v for a in self.averagers for v in a.averaged_variables]
+    def averages(self) -> list:
+        """Its averages of the trainable variables, one per decay, in the
+        order of `decay` (`averages[0] is averager`)."""
+        return [self.averager, *self.extra_averages]
 
     @property
-    def shadow_variables(self) -> list:
-        """Their averages, aligned with `averaged_variables`."""
-        return [v for a in self.averagers for v in a.shadows]
+    def average_labels(self) -> list:
+        """Their names in logs, aligned: `ema0.999`, ..."""
+        return [average_label(a.schedule) for a in self.averages]
+
+    @property
+    def primary(self) -> int:
+        """The index in `averages` of the primary average: the one that
+        `EMASwap`, `ema_weights`, export and `EMACheckpoint` use unless told
+        otherwise (0 until `select_average` changes it; saved)."""
+        return self._primary
+
+    def average_index(self, average: AverageChoice = None) -> int:
+        """The index in `averages` of the average `average` names.
+
+        Args:
+            average: None (the primary average), an int (an index into
+                `averages`), a float (the constant decay of one of them) or
+                a `keras_ema.schedules.DecaySchedule` (configured as one of
+                them).
+
+        Returns:
+            An index into `averages`.
+
+        Raises:
+            TypeError: if `average` is none of these types.
+            ValueError: if no average of this optimizer matches it.
+        """
+        check_average_choice(average)
+        if average is None:
+            return self._primary
+        count = len(self.extra_averages) + 1
+        if isinstance(average, int):
+            if 0 <= average < count:
+                return average
+        else:
+            label = average_label(schedules.get(average))
+            if label in self.average_labels:
+                return self.average_labels.index(label)
+        raise ValueError(
+            f"`average`={average!r} names none of the {count} averages this "
+            f"EMAOptimizer keeps: {self.average_labels} (indices 0 to "
+            f"{count - 1})."
+        )
+
+    def select_average(self, average: AverageChoice) -> None:
+        """Makes one of the averages the primary one (see `primary`).
+
+        Args:
+            average: As for `average_index`.
+
+        Raises:
+            TypeError: if `average` is not None, an int, a float or a
+                schedule.
+            ValueError: if it names none of the averages.
+        """
+        self._set_untracked(_primary=self.average_index(average))
+
+    def served_pairs(self, average: AverageChoice = None) -> tuple:
+        """`(averager, variables, shadows)` of the average that `average`
+        names: the model variables it averages (with the non-trainable ones,
+        if averaged) and their shadows, aligned."""
+        averager = self.averages[self.average_index(average)]
+        variables, shadows = averager.averaged_variables, averager.shadows
+        non_trainable = self.non_trainable_averager
+        if non_trainable is not None and non_trainable.built:
+            variables += non_trainable.averaged_variables
+            shadows += non_trainable.shadows
+        return averager, variables, shadows
 
     @property
     def needs_non_trainable(self) -> bool:
@@ -89,7 +213,7 @@ class OptimizerAverages:
     @property
     def averagers(self) -> list:
         """Its own averages, built: trainable, then non-trainable."""
-        averagers = [self.averager]
+        averagers = self.averages
         if self.non_trainable_averager is not None:
             averagers.append(self.non_trainable_averager)
         return [a for a in averagers if a.built]
@@ -129,25 +253,32 @@ class OptimizerAverages:
             averager.step.assign(keras.ops.copy(self.averager.step.value))
         self._finish_non_trainable_load()
 
-    def average(self, variable: keras.Variable) -> keras.Variable:
+    def average(
+        self, variable: keras.Variable, average: AverageChoice = None
+    ) -> keras.Variable:
         """Returns the shadow variable holding the average of `variable`.
 
         Args:
             variable: One of the trainable variables the optimizer updates.
+            average: Which average, with several decays (see
+                `average_index`); None: the primary one.
 
         Returns:
             The shadow variable (float32 or wider, see `shadow_dtype`).
 
         Raises:
-            TypeError: if `variable` is not a variable.
-            ValueError: if the optimizer is not built yet, or `variable` is
-                not one of the variables it averages.
+            TypeError: if `variable` is not a variable, or `average` not
+                an accepted type.
+            ValueError: if the optimizer is not built yet, `variable` is
+                not one of the variables it averages, or `average` names
+                none of its averages.
         """
-        return self.averager.average(variable)
+        return self.averages[self.average_index(average)].average(variable)
 
     def _averagers_to_update(self) -> list:
-        """The averages a step updates: its own, then the attached ones."""
-        averagers = [self.averager]
+        """The averages a step updates: its own (several decays as one
+        `AverageGroup`), then the attached ones."""
+        averagers = [self._group or self.averager]
         if self.non_trainable_averager is not None:
             if not self.non_trainable_averager.built:
                 raise ValueError(

@@ -2,18 +2,22 @@
 
 Each average is saved under its variables' paths relative to the model
 (`step`, `average:<path>`, and for averaged non-trainable variables
-`non_trainable_step`, `non_trainable_average:<path>`), so that it loads into
-the right variables whatever the model's name or build order. A file saved
+`non_trainable_step`, `non_trainable_average:<path>`; with several decays,
+the average of the i-th decay under `ema<i>_step`, `ema<i>_average:<path>`
+for i >= 1, and the index of the primary one under `primary`), so that it
+loads into the right variables whatever the model's name or build order. A file saved
 while the model held its average also keeps the raw weights (`raw:<path>`,
 `non_trainable_raw:<path>`), the raw model's BatchNorm statistics kept
 aside (`statistics_raw:<path>`, path relative to the model's BatchNorm
 statistics) and the digest of the weights the model held (`held_digest`),
-so that nothing is lost and the loaded model knows it holds its average.
+so that nothing is lost and the loaded model knows it holds its average
+(with several decays, `held_average`: which one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +29,14 @@ NON_TRAINABLE = "non_trainable"
 STATISTICS = "statistics"
 DIGEST_KEY = "held_digest"
 RECOMPUTED_KEY = "statistics_recomputed"
+PRIMARY_KEY = "primary"
+HELD_AVERAGE_KEY = "held_average"
+_EXTRA_AVERAGE = re.compile(r"^ema(\d+)_")
+
+
+def extra_prefix(index: int) -> str:
+    """The key prefix of the average of the `index`-th decay (index >= 1)."""
+    return f"ema{index}"
 
 
 @dataclasses.dataclass
@@ -41,6 +53,8 @@ class SavedHold:
             `WeightHolder.hold_to_save`); empty if none are kept aside.
         recomputed: Whether the statistics held were recomputed for the
             average.
+        average: Which of the optimizer's averages the model held (an
+            index into `EMAOptimizer.averages`).
     """
 
     raw: list
@@ -48,6 +62,7 @@ class SavedHold:
     digest: bytes | None
     statistics: dict
     recomputed: bool = False
+    average: int = 0
 
     def all_raw(self) -> list:
         """The raw values aligned with the optimizer's averaged variables."""
@@ -163,6 +178,7 @@ class AverageSaving:
     name: str
     built: bool
     averager: Any
+    extra_averages: list
     non_trainable_averager: Any
 
     if TYPE_CHECKING:
@@ -236,6 +252,12 @@ class AverageSaving:
             return  # nothing to save before the first step, as Keras
         hold = self._hold_to_save()
         save_average(self.averager, store, TRAINABLE, hold and hold.raw)
+        for index, averager in enumerate(self.extra_averages, 1):
+            save_average(averager, store, extra_prefix(index))
+        if self.extra_averages:
+            store[PRIMARY_KEY] = np.asarray(self._primary)
+            if hold is not None:
+                store[HELD_AVERAGE_KEY] = np.asarray(hold.average)
         non_trainable = self.non_trainable_averager
         if non_trainable is not None and non_trainable.built:
             save_average(
@@ -292,7 +314,14 @@ class AverageSaving:
                 f"EMAOptimizer {self.name!r} has non_trainable='average', but "
                 "the file holds no average of non-trainable variables."
             )
+        trainable = dict(trainable)
+        primary = int(trainable.pop(PRIMARY_KEY, 0))
+        held_average = int(trainable.pop(HELD_AVERAGE_KEY, 0))
+        extras = self._split_extra_averages(trainable)
         raw = load_average(self.averager, trainable, TRAINABLE, self.name)
+        for index, extra in enumerate(self.extra_averages, 1):
+            load_average(extra, extras[index], extra_prefix(index), self.name)
+        self._set_untracked(_primary=primary)
         raw_non_trainable = None
         if averager is not None:
             if averager.built:
@@ -304,8 +333,29 @@ class AverageSaving:
                 self._set_untracked(_pending_non_trainable=non_trainable)
         hold = None
         if raw is not None:
-            hold = SavedHold(raw, raw_non_trainable, digest, statistics, recomputed)
+            hold = SavedHold(
+                raw, raw_non_trainable, digest, statistics, recomputed, held_average
+            )
         self._set_untracked(_pending_store=None, _loaded_hold=hold)
+
+    def _split_extra_averages(self, trainable: dict) -> dict:
+        """Takes the entries of the averages of the second and later decays
+        out of `trainable`: `{index: entries}`, checked against this
+        optimizer's decays."""
+        extras: dict = {}
+        for key in list(trainable):
+            match = _EXTRA_AVERAGE.match(key)
+            if match:
+                extras.setdefault(int(match.group(1)), {})[key] = trainable.pop(key)
+        wanted = set(range(1, len(self.extra_averages) + 1))
+        if set(extras) != wanted:
+            raise ValueError(
+                f"Cannot load the averages of EMAOptimizer {self.name!r}: the "
+                f"file keeps {len(extras) + 1} average(s), this optimizer "
+                f"{len(wanted) + 1} (one per decay). Compile with the decays "
+                "the file was saved with."
+            )
+        return extras
 
     def _finish_non_trainable_load(self):
         pending = self._pending_non_trainable

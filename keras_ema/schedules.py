@@ -231,9 +231,7 @@ class DecaySchedule:
         s = _step_to_compute_dtype(step)
         return ops.cast(self._decay(s), dtype)
 
-    def decay_over(
-        self, step: int | Tensor, k: int, dtype: Any = "float32"
-    ) -> Tensor:
+    def decay_over(self, step: int | Tensor, k: int, dtype: Any = "float32") -> Tensor:
         """Returns the decay over the `k` steps ending at `step`.
 
         That is `D = d(step - k + 1) * d(step - k + 2) * ... * d(step)`: an

@@ -6,13 +6,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from keras_ema.backend import ShadowUpdater
     from keras_ema.update_rule import UpdateRule
 
 import numpy as np
 from keras import ops
 
-from keras_ema.backend import STEP_DTYPE, init_scope, initial_value
+from keras_ema.backend import STEP_DTYPE, ShadowUpdater, init_scope, initial_value
 
 # A backend tensor (Tensor, jax.Array).
 Tensor = Any
@@ -122,6 +121,15 @@ class UpdatesShadows:
                 return False
         return True
 
+    def _check_updatable(self) -> None:
+        self._check_built("update")
+        if self.is_swapped:
+            raise RuntimeError(
+                f"The variables hold the averages of {self.name!r} (swapped "
+                "in); updating now would average the average. Call "
+                "`swap_out()` before training."
+            )
+
     def update(
         self, step: int | Tensor | None = None, applied: Tensor | None = None
     ) -> None:
@@ -139,22 +147,63 @@ class UpdatesShadows:
             ValueError: if the average is not built.
             RuntimeError: if the variables hold the averages (swapped in).
         """
-        self._check_built("update")
-        if self.is_swapped:
-            raise RuntimeError(
-                f"The variables hold the averages of {self.name!r} (swapped "
-                "in); updating now would average the average. Call "
-                "`swap_out()` before training."
-            )
-        self._updater.run(self._update_cross_replica, step, applied)
+        self._check_updatable()
+        self._updater.run(move_together, [self], self._updater, step, applied)
 
-    def _update_cross_replica(self, agreed, step, applied):
-        last = self.step.value
-        t = last + 1 if step is None else ops.cast(agreed(step), STEP_DTYPE)
-        due, must_copy = self._rule.conditions(t, self._copy_first_step)
-        dtypes = {shadow.dtype for shadow in self._shadows}
-        if applied is not None:
-            applied = agreed(applied)
-            due = applied if due is None else ops.logical_and(applied, due)
-        self._updater.update(due, must_copy, lambda: self._rule.rates(t, dtypes))
-        self.step.assign(t if applied is None else ops.where(applied, t, last))
+
+def move_together(agreed, averagers, updater, step, applied) -> None:
+    """Moves the shadows of `averagers` one step, in the cross-replica context.
+
+    The averages share their variables and their step rule but for the
+    decay (`AverageGroup`), so the rule's conditions are evaluated once and
+    `updater`, over all their shadows, moves them in one update. Each step
+    counter is computed from its own value: on JAX, one array assigned to
+    two variables would be donated twice by Keras's train step.
+    """
+    lead = averagers[0]
+    lasts = [averager.step.value for averager in averagers]
+    if step is None:
+        steps = [last + 1 for last in lasts]
+    else:
+        steps = [ops.cast(agreed(step), STEP_DTYPE) for _ in averagers]
+    t = steps[0]
+    due, must_copy = lead._rule.conditions(t, lead._copy_first_step)
+    if applied is not None:
+        applied = agreed(applied)
+        due = applied if due is None else ops.logical_and(applied, due)
+
+    def rates():
+        return [r for a in averagers for r in a._rule.rates(t, a._shadows)]
+
+    updater.update(due, must_copy, rates)
+    for averager, last, new in zip(averagers, lasts, steps):
+        averager.step.assign(new if applied is None else ops.where(applied, new, last))
+
+
+class AverageGroup:
+    """Averages of the same variables that differ in their decay only,
+    updated together: one merge call, one evaluation of the step rule, one
+    condition and one backend update over all their shadows (on TensorFlow
+    without XLA, one XLA function for the large variables).
+
+    Args:
+        averagers: Built `ExponentialMovingAverage`s of the same variables,
+            with the same `update_every`, `start_step` and `init`.
+    """
+
+    def __init__(self, averagers: list):
+        self.averagers = list(averagers)
+        self._updater = ShadowUpdater(
+            [s for a in self.averagers for s in a.shadows],
+            [v for a in self.averagers for v in a.averaged_variables],
+        )
+
+    def update(self, applied: Tensor | None = None) -> None:
+        """Updates every average of the group for the next step.
+
+        Args:
+            applied: As for `ExponentialMovingAverage.update`.
+        """
+        for averager in self.averagers:
+            averager._check_updatable()
+        self._updater.run(move_together, self.averagers, self._updater, None, applied)

@@ -153,8 +153,7 @@ def update_shadows(
     _check_step(step)
     t = ops.cast(step, STEP_DTYPE)
     due, must_copy = rule.conditions(t, copies_first_step=False)
-    dtypes = {keras.backend.standardize_dtype(s.dtype) for s in shadows}
-    return updated(shadows, weights, due, must_copy, lambda: rule.rates(t, dtypes))
+    return updated(shadows, weights, due, must_copy, lambda: rule.rates(t, shadows))
 
 
 def _check_step(step) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
 from keras_ema import schedules
@@ -78,13 +79,15 @@ class UpdateRule:
             copies = ops.logical_or(copies, ops.equal(t, 1))
         return ops.where(copies, 0.0, self.schedule(ops.maximum(s, 1)))
 
-    def rates(self, t, dtypes) -> dict:
-        """`1 - D` at step t for each shadow dtype, computed once (in float64
-        where the backend has it)."""
+    def rates(self, t, shadows) -> list:
+        """`1 - D` at step t, one per shadow, aligned (computed once per
+        dtype, in float64 where the backend has it)."""
         k = self.update_every
         s = ops.maximum(t - self.start_step, k)
         rate = 1.0 - self.schedule.decay_over(s, k, dtype=schedule_dtype())
-        return {dtype: ops.cast(rate, dtype) for dtype in dtypes}
+        dtypes = [keras.backend.standardize_dtype(shadow.dtype) for shadow in shadows]
+        by_dtype = {dtype: ops.cast(rate, dtype) for dtype in set(dtypes)}
+        return [by_dtype[dtype] for dtype in dtypes]
 
     def conditions(self, t, copies_first_step: bool):
         """`(due, must_copy)` at step t: boolean tensors, or None for always

@@ -115,6 +115,22 @@ def test_one_fused_loop_per_variable():
     assert "conditional(" not in hlo and " while(" not in hlo
 
 
+def test_several_averages_one_condition_one_loop_each():
+    """Three averages: one loop per average and variable, no copies, and
+    with `update_every` a single condition around all of them."""
+    plain = _step_hlo(_sgd())
+    decays = [0.9, 0.99, 0.999]
+    hlo = _step_hlo(keras_ema.EMAOptimizer(_sgd(), decay=decays))
+    extra = _array_loop_fusions(hlo) - _array_loop_fusions(plain)
+    assert extra == len(decays) * 2 * LAYERS
+    assert _array_copies(hlo) == _array_copies(plain)
+    assert "conditional(" not in hlo and " while(" not in hlo
+    entry = _entry(
+        _step_hlo(keras_ema.EMAOptimizer(_sgd(), decay=decays, update_every=10))
+    )
+    assert entry.count("conditional(") + entry.count(" while(") == 1
+
+
 def test_skipped_steps_run_no_loop_over_the_weights():
     """With `update_every=10` the per-variable loops are in a branch or a
     loop of at most one iteration, not in the step's own body."""

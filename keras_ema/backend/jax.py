@@ -222,7 +222,7 @@ class ShadowUpdater:
         """Moves every shadow (or copies, where `must_copy`) if `due`.
 
         `due` and `must_copy` are boolean scalars or None (always, never);
-        `rates()` gives `1 - D` per shadow dtype.
+        `rates()` gives `1 - D` per shadow, aligned.
         """
         shadows, weights = self._values()
         self._assign(updated(shadows, weights, due, must_copy, rates, _cond))

@@ -23,7 +23,6 @@ from keras_ema import _compat
 FUSE_MIN_SIZE = 1 << 20
 
 
-
 class Module(tf.Module):
     """The base of an average: a `tf.Module`, so that `tf.train.Checkpoint`
     (through the optimizer) tracks its shadows."""
@@ -151,8 +150,8 @@ def _fused_update_function(pairs):
     """
 
     def update(rates):
-        for shadow, weight in pairs:
-            shadow_update(shadow, weight, rates[shadow.dtype.name])
+        for (shadow, weight), rate in zip(pairs, rates):
+            shadow_update(shadow, weight, rate)
 
     return tf.function(update, jit_compile=True, autograph=False)
 
@@ -193,15 +192,18 @@ class ShadowUpdater:
     def __init__(self, shadows, variables):
         self.strategy = tf.distribute.get_strategy()
         self.pairs = list(zip(shadows, variables))
+        self._fused_index = [
+            i for i, (_, v) in enumerate(self.pairs) if _size(v) >= FUSE_MIN_SIZE
+        ]
         self.fused_pairs = [
             (tf_variable(shadow), tf_variable(variable))
-            for shadow, variable in self.pairs
-            if _size(variable) >= FUSE_MIN_SIZE
+            for shadow, variable in (self.pairs[i] for i in self._fused_index)
         ]
         self._fused = (
             _fused_update_function(self.fused_pairs) if self.fused_pairs else None
         )
-        self._unfused = [p for p in self.pairs if _size(p[1]) < FUSE_MIN_SIZE]
+        fused = set(self._fused_index)
+        self._unfused_index = [i for i in range(len(self.pairs)) if i not in fused]
 
     def run(self, fn, *args):
         """Calls `fn(agreed, *args)` in the cross-replica context.
@@ -240,8 +242,8 @@ class ShadowUpdater:
         Args:
             due: Boolean scalar tensor, or None for always.
             must_copy: Boolean scalar tensor, or None for never.
-            rates: A function returning `1 - D` per shadow dtype, called
-                only in the branch that moves the shadows.
+            rates: A function returning `1 - D` per shadow (aligned with
+                the shadows), called only in the branch that moves them.
         """
 
         def move():
@@ -268,7 +270,8 @@ class ShadowUpdater:
         run_if(condition, self.copy_constrained)
 
     def move(self, rates):
-        """`shadow -= rates[dtype] * (shadow - w)` for every shadow."""
+        """`shadow -= rate * (shadow - w)` for every shadow, `rates`
+        aligned with the shadows."""
         if tf.distribute.has_strategy() or self._fused is None:
             self._for_each(shadow_update, self.pairs, rates)
             return
@@ -276,14 +279,17 @@ class ShadowUpdater:
         # twice the memory traffic of one fused loop; an inner XLA function
         # fuses them. It pays off for large variables only: an XLA launch has
         # a fixed cost per argument.
-        self._fused(rates)
-        self._for_each(shadow_update, self._unfused, rates)
+        self._fused([rates[i] for i in self._fused_index])
+        unfused = self._unfused_index
+        self._for_each(
+            shadow_update, [self.pairs[i] for i in unfused], [rates[i] for i in unfused]
+        )
 
     def _for_each(self, fn, pairs, rates=None, *extra):
-        for shadow, variable in pairs:
+        for i, (shadow, variable) in enumerate(pairs):
             args: tuple = (tf_variable(variable),)
             if rates is not None:
-                args += (rates[shadow.dtype], *extra)
+                args += (rates[i], *extra)
             self.strategy.extended.update(
                 tf_variable(shadow), fn, args=args, group=False
             )
