@@ -31,6 +31,7 @@ import keras
 from keras_ema import _compat
 from keras_ema.backend import install_non_trainable_step, strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
+from keras_ema.bema import corrected_shadows
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.optimizer_averages import AverageChoice, average_label
 from keras_ema.optimizer_state import SavedHold
@@ -93,6 +94,7 @@ class AverageSource:
         shadows: Their averages, aligned.
         averager: For `"keras_ema"`: which of the optimizer's averages
             (`EMAOptimizer.averages`) this is.
+        anchor: For a BEMA average: its anchor (theta_0).
     """
 
     def __init__(
@@ -102,12 +104,14 @@ class AverageSource:
         variables: Sequence,
         shadows: Sequence,
         averager=None,
+        anchor=None,
     ):
         self.kind = kind
         self.optimizer = optimizer
         self.variables = list(variables)
         self.shadows = list(shadows)
         self.averager = averager
+        self.anchor = anchor
 
     @property
     def index(self) -> int:
@@ -168,6 +172,18 @@ def _decay_text(schedule) -> str:
     return f"{type(schedule).__name__}({arguments})"
 
 
+def served(source, raw: Sequence | None = None) -> list:
+    """The values `source`'s average puts into its variables: the shadows
+    (for BEMA, corrected with the raw weights `raw`, by default the
+    variables' values), cast and constrained as the variables take them."""
+    shadows = source.shadows
+    anchor = getattr(source, "anchor", None)
+    if anchor is not None:
+        raw = [v.value for v in source.variables] if raw is None else raw
+        shadows = corrected_shadows(source.averager, anchor, raw)
+    return served_values(source.variables, shadows)
+
+
 def find_source(
     model, average: AverageChoice = None
 ) -> AverageSource | ScheduleFreeSource | None:
@@ -188,7 +204,14 @@ def find_source(
         if not optimizer.built:
             return None
         averager, variables, shadows = optimizer.served_pairs(index)
-        return AverageSource("keras_ema", optimizer, variables, shadows, averager)
+        return AverageSource(
+            "keras_ema",
+            optimizer,
+            variables,
+            shadows,
+            averager,
+            optimizer.anchor_of(index),
+        )
     source: AverageSource | ScheduleFreeSource | None = None
     for candidate in optimizer_chain(getattr(model, "optimizer", None)):
         if getattr(candidate, "use_ema", False) and getattr(candidate, "built", False):
@@ -381,7 +404,7 @@ class WeightHolder:
         if swap is None:
             source = self.require_source(average)
             swap = ExactSwap(source.variables, "the average")
-            swap.swap_in(served_values(source.variables, source.shadows))
+            swap.swap_in(served(source))
             self._record(source, swap, held_by)
         kept = self._keep_statistics()
         if batchnorm is not None and not kept.recomputed:
@@ -518,10 +541,7 @@ class WeightHolder:
             v for v in batchnorm_statistics(self.model) if batchnorm is not None
         ]
         inner = ExactSwap(outer.variables + statistics, "another average")
-        inner.swap_in(
-            served_values(source.variables, source.shadows)
-            + [v.value for v in statistics]
-        )
+        inner.swap_in(served(source, outer.kept) + [v.value for v in statistics])
         saved = (self._source, self._digest, self.held_by)
         self._source, self.held_by = source, held_by
         if batchnorm is not None:

@@ -14,11 +14,14 @@ from keras_ema.backend import (
     apply_optimizer,
     snapshot,
 )
-from keras_ema.optimizer_averages import OptimizerAverages, averages_of
+from keras_ema.optimizer_averages import (
+    OptimizerAverages,
+    averages_of,
+    update_groups,
+)
 from keras_ema.optimizer_forwarding import InnerOptimizerForwarding
 from keras_ema.optimizer_state import AverageSaving
 from keras_ema.optimizer_steps import InnerSteps
-from keras_ema.shadow_updates import AverageGroup
 
 NON_TRAINABLE_MODES = ("live", "average")
 
@@ -74,6 +77,15 @@ class EMAOptimizer(
     held its average keeps the raw weights too. The legacy `.h5` format is
     refused: its loader restores no optimizer state.
 
+    Several averages: `decay=[0.99, 0.999, 0.9999]` keeps one average per
+    entry, all updated in the same compiled step by one update (one
+    evaluation of the step rule, one condition, each shadow read and
+    written once). The first is the primary average, the one `EMASwap`,
+    `ema_weights`, export and `EMACheckpoint` use unless their `average=`
+    names another (by index, decay or schedule);
+    `EMASwap(evaluate="all", select="val_loss")` validates them all and
+    makes the best one primary (`select_average`).
+
     The model always trains on, and after `fit` holds, the raw weights:
     `finalize_variable_values` does not copy the average into the model (and
     stops a wrapped optimizer with `use_ema=True` from doing so). Use
@@ -82,7 +94,10 @@ class EMAOptimizer(
 
     Args:
         inner_optimizer: The `keras.optimizers.Optimizer` to wrap.
-        decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`.
+        decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`, or
+            a list of them: one average per entry, the first primary.
+            `update_every`, `start_step`, `init` and `shadow_dtype` apply
+            to all.
         update_every: Update the average every this many optimizer steps
             (decay compensated).
         start_step: Before this step the average copies the weights.
@@ -102,15 +117,20 @@ class EMAOptimizer(
     Attributes:
         inner_optimizer: The wrapped optimizer.
         averager: The `keras_ema.ExponentialMovingAverage` of the trainable
-            variables that this optimizer updates after each step.
+            variables that this optimizer updates after each step (of the
+            first decay, with several).
+        extra_averages: The averages of the other decays, in order (empty
+            with one decay).
 
     Raises:
         TypeError: if `inner_optimizer` is not a `keras.optimizers.Optimizer`,
-            `decay` is neither a number nor a schedule, or `update_every` or
-            `start_step` is not an int.
+            `decay` (or an entry of it) is neither a number nor a schedule,
+            or `update_every` or `start_step` is not an int.
         ValueError: if any `**kwargs` is given, `non_trainable`, `init` or
             `shadow_dtype` is not one of the accepted values, `decay` is
-            outside [0, 1], `update_every < 1` or `start_step < 0`.
+            outside [0, 1], an empty list, lists one average twice, or
+            lists several with `non_trainable="average"`,
+            `update_every < 1` or `start_step < 0`.
 
     Example:
 
@@ -171,7 +191,7 @@ class EMAOptimizer(
             init=init,
             shadow_dtype=shadow_dtype,
         )
-        averages = averages_of(decay, **config)
+        averages, anchors = averages_of(decay, **config)
         if len(averages) > 1 and non_trainable != "live":
             raise ValueError(
                 "`non_trainable='average'` takes one decay; with several "
@@ -185,6 +205,7 @@ class EMAOptimizer(
         self.averager = averages[0]
         # Tracked, so that tf.train.Checkpoint saves them with the optimizer.
         self.extra_averages = averages[1:]
+        self.anchors = anchors
         self.non_trainable = non_trainable
         # Float non-trainable state (BatchNorm's moving statistics) has its
         # own average, with the same configuration and steps; integer state
@@ -202,7 +223,7 @@ class EMAOptimizer(
             _introduced=None,
             _non_trainable_after_step=False,
             _primary=0,
-            _group=None,
+            _groups=[self.averager],
         )
         self._init_saving()
 
@@ -243,10 +264,10 @@ class EMAOptimizer(
                     f"e.g. keras_ema.EMAOptimizer(keras.optimizers."
                     f"{type(inner).__name__}(...)), as after unfreezing layers."
                 )
-        for averager in self.averages:
+        own = self.averages + list(self.anchors)
+        for averager in own:
             averager.build(var_list)
-        if self.extra_averages:
-            self._set_untracked(_group=AverageGroup(self.averages))
+        self._set_untracked(_groups=update_groups(own))
         super().build(var_list)
         if self._pending_store is not None:
             self._load_entries(*self._pending_store)
@@ -288,9 +309,10 @@ class EMAOptimizer(
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
+            averagers = self._averagers_to_update()  # grouped once built
         # Until the first step, the average takes the weights that step
         # starts from, whatever happened to them since it was built.
-        for averager in self.averages:
+        for averager in self.averages + list(self.anchors):
             averager.capture_before_first_step()
         if self._introduced is None or self._introduced() is None:
             # Once is enough: eager steps call `apply` every step.
@@ -325,7 +347,7 @@ class EMAOptimizer(
         # Its own (iterations, learning rate), then the wrapped optimizer's
         # and the averages'.
         variables = super().variables + self.inner_optimizer.variables
-        for averager in self.averages:
+        for averager in self.averages + list(self.anchors):
             variables += averager.variables
         if self.non_trainable_averager is not None:
             variables += self.non_trainable_averager.variables

@@ -11,6 +11,7 @@ import keras
 from keras_ema import schedules
 from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.backend import AVERAGES_NON_TRAINABLE_IN_APPLY
+from keras_ema.shadow_updates import AverageGroup
 
 AverageChoice = int | float | schedules.DecaySchedule | None
 
@@ -26,29 +27,56 @@ NON_TRAINABLE_OUTSIDE_FIT = (
 
 def average_label(schedule: schedules.DecaySchedule) -> str:
     """The name of an average in logs: `ema0.999` for a constant decay,
-    else `ema<Schedule>_<argument><value>...` from the schedule's config."""
+    `bema_burn_in<n>` for BEMA (and its other arguments that differ from
+    the defaults), else `ema<Schedule>_<argument><value>...` from the
+    schedule's config."""
     config = schedule.get_config()
     if isinstance(schedule, schedules.Constant):
         return f"ema{config['decay']}"
+    if isinstance(schedule, schedules.BEMA):
+        defaults = schedules.BEMA(burn_in=1).get_config()
+        changed = {
+            k: v for k, v in config.items() if k == "burn_in" or v != defaults[k]
+        }
+        return "bema" + "".join(f"_{k}{v}" for k, v in changed.items())
     arguments = "".join(f"_{k}{v}" for k, v in config.items() if v is not None)
     return f"ema{type(schedule).__name__}{arguments}"
 
 
-def averages_of(decay: Any, **config: Any) -> list:
-    """One `ExponentialMovingAverage` per entry of `decay` (a decay or a
-    list of them), each checked; the first is named `average`, the others
-    `average_<i>`."""
+def averages_of(decay: Any, **config: Any) -> tuple[list, list]:
+    """`(averages, anchors)` for `decay` (a decay or a list of them), each
+    checked.
+
+    One `ExponentialMovingAverage` per entry, the first named `average`,
+    the others `average_<i>`; a `schedules.BEMA` entry starts at its
+    `burn_in` and gets an anchor, `anchor_<i>`: an average that copies the
+    weights until then and keeps them (theta_0).
+    """
     entries = list(decay) if isinstance(decay, list | tuple) else [decay]
     if not entries:
         raise ValueError(
             "`decay` must be a decay or a non-empty list of decays, got []."
         )
-    averages = [
-        ExponentialMovingAverage(
-            decay=entry, name="average" if i == 0 else f"average_{i}", **config
+    averages, anchors = [], []
+    for i, entry in enumerate(entries):
+        name = "average" if i == 0 else f"average_{i}"
+        entry_config = dict(config)
+        if isinstance(entry, schedules.BEMA):
+            if config["start_step"] != 0:
+                raise ValueError(
+                    "`start_step` does not apply to a schedules.BEMA entry, "
+                    "which starts after its own `burn_in`; pass start_step=0 "
+                    f"(got {config['start_step']!r}) and set `burn_in`."
+                )
+            entry_config["start_step"] = entry.burn_in
+            anchors.append(
+                ExponentialMovingAverage(
+                    decay=schedules.Constant(1.0), name=f"anchor_{i}", **entry_config
+                )
+            )
+        averages.append(
+            ExponentialMovingAverage(decay=entry, name=name, **entry_config)
         )
-        for i, entry in enumerate(entries)
-    ]
     labels = [average_label(a.schedule) for a in averages]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
@@ -56,7 +84,19 @@ def averages_of(decay: Any, **config: Any) -> list:
             f"`decay` lists the same average more than once: {repeated}. Give "
             "each decay once."
         )
-    return averages
+    return averages, anchors
+
+
+def update_groups(averagers: list) -> list:
+    """The averages a step updates, those with the same `start_step` (all
+    else is shared) as one `AverageGroup` (a lone average as itself)."""
+    by_start: dict = {}
+    for averager in averagers:
+        by_start.setdefault(averager.start_step, []).append(averager)
+    return [
+        group[0] if len(group) == 1 else AverageGroup(group)
+        for group in by_start.values()
+    ]
 
 
 def check_average_choice(average: Any) -> None:
@@ -88,8 +128,9 @@ class OptimizerAverages:
     # Provided by EMAOptimizer (declared for type checkers).
     averager: ExponentialMovingAverage
     extra_averages: list
+    anchors: list
     _primary: int
-    _group: Any
+    _groups: list
     non_trainable_averager: ExponentialMovingAverage | None
     _attached: list
     _non_trainable_after_step: bool
@@ -193,9 +234,21 @@ class OptimizerAverages:
         self._set_untracked(_primary=self.average_index(average))
 
     def served_pairs(self, average: AverageChoice = None) -> tuple:
-        """`(averager, variables, shadows)` of the average that `average`
-        names: the model variables it averages (with the non-trainable ones,
-        if averaged) and their shadows, aligned."""
+        """What goes into the model when an average is swapped in.
+
+        Args:
+            average: As for `average_index`.
+
+        Returns:
+            `(averager, variables, shadows)`: the `ExponentialMovingAverage`
+            that `average` names, the model variables it averages (with the
+            non-trainable ones, if averaged) and their shadows, aligned.
+
+        Raises:
+            TypeError: if `average` is not None, an int, a float or a
+                schedule.
+            ValueError: if it names none of the averages.
+        """
         averager = self.averages[self.average_index(average)]
         variables, shadows = averager.averaged_variables, averager.shadows
         non_trainable = self.non_trainable_averager
@@ -210,10 +263,15 @@ class OptimizerAverages:
         averager = self.non_trainable_averager
         return averager is not None and not averager.built
 
+    def anchor_of(self, index: int) -> ExponentialMovingAverage | None:
+        """The anchor (BEMA's theta_0) of `averages[index]`, or None."""
+        return next((a for a in self.anchors if a.name == f"anchor_{index}"), None)
+
     @property
     def averagers(self) -> list:
-        """Its own averages, built: trainable, then non-trainable."""
-        averagers = self.averages
+        """Its own averages, built: trainable (BEMA's anchors included),
+        then non-trainable."""
+        averagers = self.averages + list(self.anchors)
         if self.non_trainable_averager is not None:
             averagers.append(self.non_trainable_averager)
         return [a for a in averagers if a.built]
@@ -278,7 +336,7 @@ class OptimizerAverages:
     def _averagers_to_update(self) -> list:
         """The averages a step updates: its own (several decays as one
         `AverageGroup`), then the attached ones."""
-        averagers = [self._group or self.averager]
+        averagers = list(self._groups)
         if self.non_trainable_averager is not None:
             if not self.non_trainable_averager.built:
                 raise ValueError(

@@ -32,11 +32,28 @@ RECOMPUTED_KEY = "statistics_recomputed"
 PRIMARY_KEY = "primary"
 HELD_AVERAGE_KEY = "held_average"
 _EXTRA_AVERAGE = re.compile(r"^ema(\d+)_")
+_ANCHOR = re.compile(r"^anchor(\d+)_")
 
 
 def extra_prefix(index: int) -> str:
     """The key prefix of the average of the `index`-th decay (index >= 1)."""
     return f"ema{index}"
+
+
+def anchor_prefix(anchor) -> str:
+    """The key prefix of a BEMA anchor, `anchor<i>` for `averages[i]`."""
+    return "anchor" + anchor.name.rsplit("_", 1)[1]
+
+
+def take_prefixed(entries: dict, pattern: re.Pattern) -> dict:
+    """Takes the entries whose keys match `pattern` out of `entries`:
+    `{index: entries}`, the index being the pattern's group."""
+    taken: dict = {}
+    for key in list(entries):
+        match = pattern.match(key)
+        if match:
+            taken.setdefault(int(match.group(1)), {})[key] = entries.pop(key)
+    return taken
 
 
 @dataclasses.dataclass
@@ -179,6 +196,7 @@ class AverageSaving:
     built: bool
     averager: Any
     extra_averages: list
+    anchors: list
     non_trainable_averager: Any
 
     if TYPE_CHECKING:
@@ -254,6 +272,8 @@ class AverageSaving:
         save_average(self.averager, store, TRAINABLE, hold and hold.raw)
         for index, averager in enumerate(self.extra_averages, 1):
             save_average(averager, store, extra_prefix(index))
+        for anchor in self.anchors:
+            save_average(anchor, store, anchor_prefix(anchor))
         if self.extra_averages:
             store[PRIMARY_KEY] = np.asarray(self._primary)
             if hold is not None:
@@ -317,10 +337,15 @@ class AverageSaving:
         trainable = dict(trainable)
         primary = int(trainable.pop(PRIMARY_KEY, 0))
         held_average = int(trainable.pop(HELD_AVERAGE_KEY, 0))
-        extras = self._split_extra_averages(trainable)
+        anchors = take_prefixed(trainable, _ANCHOR)
+        extras = take_prefixed(trainable, _EXTRA_AVERAGE)
+        self._check_counts(extras, anchors)
         raw = load_average(self.averager, trainable, TRAINABLE, self.name)
         for index, extra in enumerate(self.extra_averages, 1):
             load_average(extra, extras[index], extra_prefix(index), self.name)
+        for anchor in self.anchors:
+            prefix = anchor_prefix(anchor)
+            load_average(anchor, anchors[int(prefix[6:])], prefix, self.name)
         self._set_untracked(_primary=primary)
         raw_non_trainable = None
         if averager is not None:
@@ -338,24 +363,19 @@ class AverageSaving:
             )
         self._set_untracked(_pending_store=None, _loaded_hold=hold)
 
-    def _split_extra_averages(self, trainable: dict) -> dict:
-        """Takes the entries of the averages of the second and later decays
-        out of `trainable`: `{index: entries}`, checked against this
-        optimizer's decays."""
-        extras: dict = {}
-        for key in list(trainable):
-            match = _EXTRA_AVERAGE.match(key)
-            if match:
-                extras.setdefault(int(match.group(1)), {})[key] = trainable.pop(key)
+    def _check_counts(self, extras: dict, anchors: dict) -> None:
+        """Checks a file's averages (beyond the first) and BEMA anchors
+        against this optimizer's decays."""
         wanted = set(range(1, len(self.extra_averages) + 1))
-        if set(extras) != wanted:
+        wanted_anchors = {int(anchor_prefix(a)[6:]) for a in self.anchors}
+        if set(extras) != wanted or set(anchors) != wanted_anchors:
             raise ValueError(
                 f"Cannot load the averages of EMAOptimizer {self.name!r}: the "
-                f"file keeps {len(extras) + 1} average(s), this optimizer "
-                f"{len(wanted) + 1} (one per decay). Compile with the decays "
-                "the file was saved with."
+                f"file keeps {len(extras) + 1} average(s) ({len(anchors)} of "
+                f"them BEMA), this optimizer {len(wanted) + 1} "
+                f"({len(wanted_anchors)}), one per decay. Compile with the "
+                "decays the file was saved with."
             )
-        return extras
 
     def _finish_non_trainable_load(self):
         pending = self._pending_non_trainable

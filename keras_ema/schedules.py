@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import keras
@@ -45,6 +46,7 @@ from keras_ema._checks import check_int
 Tensor = Any
 
 __all__ = [
+    "BEMA",
     "Constant",
     "DecaySchedule",
     "Debiased",
@@ -111,6 +113,10 @@ def _check_positive(value: Any, name: str) -> float:
     return _check_in(
         value, name, 0.0, math.inf, "(0, inf)", low_open=True, high_open=True
     )
+
+
+def _check_non_negative(value: Any, name: str) -> float:
+    return _check_in(value, name, 0.0, math.inf, "[0, inf)", high_open=True)
 
 
 def _check_dtype(dtype: Any) -> str:
@@ -514,6 +520,127 @@ class Debiased(DecaySchedule):
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
+class BEMA(DecaySchedule):
+    """Bias-corrected EMA (BEMA, Block & Zhang 2025, arXiv 2508.00180).
+
+    An EMA lags behind weights that keep moving; BEMA adds back an estimate
+    of the lag. After a burn-in of `burn_in` optimizer steps, with
+    `s = t - burn_in` the steps since (t the optimizer step), the weights
+    `theta_t` and `theta_0` the weights at the end of the burn-in:
+
+        beta_s  = (rho + gamma * s) ** -kappa
+        alpha_s = (rho + gamma * s) ** -eta
+        EMA    <- (1 - beta_s) * EMA + beta_s * theta_t
+        served  = EMA + alpha_s * (theta_t - theta_0)
+
+    During the burn-in (t <= burn_in) the EMA and `theta_0` copy the
+    weights, and the served weights are the weights. Step-counting rule
+    (the paper, the authors' code and TRL's callback differ): s counts the
+    updates after the burn-in, from 1; TRL uses the global step and the
+    authors' script `t - burn_in + 1`.
+
+    As a schedule, `d(s) = 1 - beta_s` (the EMA's decay, counted from the
+    end of the burn-in); `correction(s)` gives `alpha_s`. Give it to
+    `keras_ema.EMAOptimizer` (or `EMASwap(decay=...)`), alone or in a list
+    of decays: the optimizer keeps `theta_0` (one more copy of the weights,
+    saved with it) and applies the correction when the average is swapped
+    in or exported, not at every step.
+
+    Args:
+        burn_in: Int >= 0: the optimizer steps before `theta_0` is fixed.
+            With 0, `theta_0` is the weights training starts from: right
+            when fine-tuning pretrained weights, a warning otherwise reminds
+            you that randomly initialised weights make a poor `theta_0`.
+        kappa: Float >= 0: the EMA's exponent (0.5 in the paper).
+        eta: Float >= 0: the correction's exponent (0.2; 0 gives the
+            plain extrapolation, a large value no correction).
+        rho: Float > 0: the offset of the step (10).
+        gamma: Float > 0: the step's scale (1).
+
+    Raises:
+        TypeError: if `burn_in` is not an int or another argument is not a
+            real number.
+        ValueError: if `burn_in < 0`, `kappa` or `eta` is negative or not
+            finite, `rho` or `gamma` is not a finite float > 0, or
+            `rho + gamma < 1` (the first beta would exceed 1).
+
+    Example:
+
+    ```python
+    import keras
+    import keras_ema
+
+    bema = keras_ema.schedules.BEMA(burn_in=100)
+    assert abs(float(bema(1)) - (1 - 11 ** -0.5)) < 1e-6  # 1 - beta_1
+    assert abs(float(bema.correction(1)) - 11 ** -0.2) < 1e-6  # alpha_1
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(), decay=[0.999, bema])
+    ```
+    """
+
+    def __init__(
+        self,
+        burn_in: int,
+        kappa: float = 0.5,
+        eta: float = 0.2,
+        rho: float = 10.0,
+        gamma: float = 1.0,
+    ):
+        self.burn_in = int(check_int(burn_in, "burn_in", 0))
+        self.kappa = _check_in(
+            kappa, "kappa", 0.0, math.inf, "[0, inf)", high_open=True
+        )
+        self.eta = _check_in(eta, "eta", 0.0, math.inf, "[0, inf)", high_open=True)
+        self.rho = _check_positive(rho, "rho")
+        self.gamma = _check_positive(gamma, "gamma")
+        if self.rho + self.gamma < 1.0:
+            raise ValueError(
+                "`rho + gamma` must be >= 1, so that beta_1 = (rho + gamma) ** "
+                f"-kappa <= 1; got rho={self.rho}, gamma={self.gamma}."
+            )
+        if self.burn_in == 0:
+            warnings.warn(
+                "BEMA(burn_in=0): theta_0 is the weights training starts from. "
+                "Right when fine-tuning pretrained weights; if they are a "
+                "random initialisation, the correction pulls the served "
+                "weights towards it: set `burn_in` to a step count (e.g. a "
+                "tenth of the run).",
+                stacklevel=2,
+            )
+
+    def _decay(self, s: Tensor) -> Tensor:
+        # 1 - (rho + gamma s)^-kappa = -expm1(-kappa log(rho + gamma s)).
+        return -ops.expm1(-self.kappa * ops.log(self.rho + self.gamma * s))
+
+    def correction(self, step: int | Tensor, dtype: Any = "float32") -> Tensor:
+        """Returns `alpha_s = (rho + gamma * s) ** -eta`.
+
+        Args:
+            step: s, the steps since the burn-in (an int >= 1 or an integer
+                tensor).
+            dtype: Floating dtype of the result.
+
+        Returns:
+            A scalar tensor of `dtype`.
+
+        Raises:
+            TypeError: if `step` is not an int or an integer tensor.
+            ValueError: if `step` is an int < 1.
+        """
+        dtype = _check_dtype(dtype)
+        s = _step_to_compute_dtype(step)
+        return ops.cast(ops.exp(-self.eta * ops.log(self.rho + self.gamma * s)), dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "burn_in": self.burn_in,
+            "kappa": self.kappa,
+            "eta": self.eta,
+            "rho": self.rho,
+            "gamma": self.gamma,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
 class PowerFunction(DecaySchedule):
     """Power-function EMA of Karras et al. (2024), "Analyzing and Improving
     the Training Dynamics of Diffusion Models" (EDM2).
@@ -582,7 +709,7 @@ class PowerFunction(DecaySchedule):
 
 _SCHEDULES = {
     cls.__name__: cls
-    for cls in (Constant, TFWarmup, PowerWarmup, Debiased, PowerFunction)
+    for cls in (Constant, TFWarmup, PowerWarmup, Debiased, PowerFunction, BEMA)
 }
 
 

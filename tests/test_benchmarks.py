@@ -62,3 +62,14 @@ def test_memory_quick():
 def test_fixed_cost_quick():
     out = run_quick("fixed_cost.py")
     assert "kema never due" in out and "vs keras" in out, out[-3000:]
+
+
+@TENSORFLOW_SCRIPT
+def test_several_averages_quick():
+    out = run_quick("several_averages.py")
+    for heading in ("Training step time with K", "compiled train step", "validation"):
+        assert heading in out, out[-3000:]
+    for column in ("vs kema K=1", "eff. B/param", "extra / evaluate pass"):
+        assert column in out, out[-3000:]
+    assert "tf.train K=3" in out and 'evaluate="all"' in out, out[-3000:]
+    assert "val_loss_ema0.99" in out, out[-3000:]

@@ -122,8 +122,9 @@ def test_average_argument_names_each_average():
         assert_bit_equal(held, served(optimizer, index))
         assert_bit_equal(values(model.trainable_variables), raw)
         kernel = model.layers[0].kernel
-        assert optimizer.average(kernel, average=average) is (
-            optimizer.averages[index].shadows[0]
+        assert (
+            optimizer.average(kernel, average=average)
+            is (optimizer.averages[index].shadows[0])
         )
     assert optimizer.average_index() == optimizer.primary == 0
 
@@ -131,9 +132,7 @@ def test_average_argument_names_each_average():
 def test_checkpoint_takes_an_average(tmp_path):
     model, optimizer = compiled()
     path = tmp_path / "ckpt.weights.h5"
-    checkpoint = keras_ema.EMACheckpoint(
-        str(path), save_weights_only=True, average=0.9
-    )
+    checkpoint = keras_ema.EMACheckpoint(str(path), save_weights_only=True, average=0.9)
     fit_quietly(model, [keras_ema.EMASwap(), checkpoint])
     clone = make_model(seed=3)
     clone.load_weights(path)
@@ -360,3 +359,71 @@ def test_export_refuses_an_average_with_raw_weights(tmp_path):
     with pytest.raises(ValueError, match="`average`"):
         keras_ema.export_saved_model(model, tmp_path / "m", weights="raw", average=1)
     assert not os.path.exists(tmp_path / "m")
+
+
+# --------------------------------------------------------------- distributed
+
+MIRRORED_SCRIPT = """
+import json, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, keras_ema
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 6)).astype("float32")
+y = np.tanh(x[:, :1]).astype("float32")
+
+def run(strategy):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "tanh"),
+                                  keras.layers.Dense(1)])
+        optimizer = keras_ema.EMAOptimizer(keras.optimizers.SGD(0.1),
+                                           decay=[0.5, 0.9], update_every=2)
+        model.compile(optimizer, "mse")
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                        validation_data=(x[:32], y[:32]),
+                        callbacks=[keras_ema.EMASwap(evaluate="all")])
+    shadows = [[[r.numpy().tolist() for r in
+                 strategy.experimental_local_results(s.value)]
+                for s in a.shadows] for a in optimizer.averages]
+    return {"history": history.history, "shadows": shadows}
+
+print(json.dumps({
+    "single": run(tf.distribute.get_strategy()),
+    "mirrored": run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+}))
+"""
+
+
+@tensorflow_only("tf.distribute.MirroredStrategy")
+def test_several_averages_under_mirrored_strategy(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(MIRRORED_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    single, mirrored = out["single"], out["mirrored"]
+    for average_single, average_mirrored in zip(single["shadows"], mirrored["shadows"]):
+        for (reference,), replicas in zip(average_single, average_mirrored):
+            assert len(replicas) == 2
+            np.testing.assert_array_equal(replicas[0], replicas[1])
+            # The replicas' gradients are summed in another order.
+            np.testing.assert_allclose(replicas[0], reference, atol=1e-6)
+    for key in ("val_loss_ema0.5", "val_loss_ema0.9", "val_raw_loss"):
+        np.testing.assert_allclose(
+            mirrored["history"][key], single["history"][key], atol=1e-5
+        )
