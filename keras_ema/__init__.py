@@ -5,6 +5,7 @@ from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.batchnorm import recompute_batchnorm
 from keras_ema.callbacks import EMACheckpoint, EMASwap
 from keras_ema.export import ema_weights, export_saved_model
+from keras_ema.lawa import LAWA
 from keras_ema.optimizer import EMAOptimizer
 from keras_ema.posthoc import PostHocEMA
 
@@ -12,6 +13,7 @@ __all__ = [
     "EMACheckpoint",
     "EMAOptimizer",
     "EMASwap",
+    "LAWA",
     "PostHocEMA",
     "ExponentialMovingAverage",
     "ema_weights",

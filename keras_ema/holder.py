@@ -32,8 +32,14 @@ from keras_ema import _compat
 from keras_ema.backend import install_non_trainable_step, strategy_scope
 from keras_ema.batchnorm import BatchNormData, KeptStatistics, batchnorm_statistics
 from keras_ema.bema import corrected_shadows
+from keras_ema.latest_weights import LatestWeights
 from keras_ema.optimizer import EMAOptimizer
-from keras_ema.optimizer_averages import AverageChoice, average_label
+from keras_ema.optimizer_averages import (
+    LAWA_AVERAGE,
+    AverageChoice,
+    average_label,
+    check_average_choice,
+)
 from keras_ema.optimizer_state import SavedHold
 from keras_ema.schedule_free import ScheduleFreeSource, is_schedule_free
 from keras_ema.shadows import served_values
@@ -186,7 +192,7 @@ def served(source, raw: Sequence | None = None) -> list:
 
 def find_source(
     model, average: AverageChoice = None
-) -> AverageSource | ScheduleFreeSource | None:
+) -> AverageSource | ScheduleFreeSource | LatestWeights | None:
     """The model's average, or None if it keeps none (yet).
 
     `average` picks one of an `EMAOptimizer`'s averages (see
@@ -196,6 +202,15 @@ def find_source(
     (`load_weights` right after `compile`), which needs the model's
     variables.
     """
+    check_average_choice(average)
+    lawa = LatestWeights.of(model)
+    if average == LAWA_AVERAGE:
+        if lawa is None or not lawa.step:
+            raise ValueError(
+                "`average`='lawa': this model keeps no LAWA average; train it "
+                "with `callbacks=[keras_ema.LAWA(k=...)]` first."
+            )
+        return lawa
     optimizer = ema_optimizer_of(model)
     if optimizer is not None:
         index = optimizer.average_index(average)  # checked before building
@@ -223,6 +238,8 @@ def find_source(
             if is_schedule_free(candidate) and candidate.built:
                 source = ScheduleFreeSource(candidate)
                 break
+    if source is None and lawa is not None and lawa.step:
+        source = lawa
     if average not in (None, 0) and source is not None:
         raise ValueError(
             f"`average`={average!r}: the model's {type(source.optimizer).__name__} "
@@ -525,8 +542,10 @@ class WeightHolder:
         if average is None:
             return True
         wanted = self.require_source(average)
-        return getattr(self._source, "averager", None) is getattr(
-            wanted, "averager", None
+        held = self._source
+        return held is not None and (held.kind, getattr(held, "averager", None)) == (
+            wanted.kind,
+            getattr(wanted, "averager", None),
         )
 
     @contextlib.contextmanager

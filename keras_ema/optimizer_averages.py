@@ -13,7 +13,9 @@ from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.backend import AVERAGES_NON_TRAINABLE_IN_APPLY
 from keras_ema.shadow_updates import AverageGroup
 
-AverageChoice = int | float | schedules.DecaySchedule | None
+AverageChoice = int | float | str | schedules.DecaySchedule | None
+# `average=` naming the mean of the latest epoch-end weights (`keras_ema.LAWA`).
+LAWA_AVERAGE = "lawa"
 
 NON_TRAINABLE_OUTSIDE_FIT = (
     "On JAX, EMAOptimizer(non_trainable='average') averages the non-trainable "
@@ -100,15 +102,17 @@ def update_groups(averagers: list) -> list:
 
 
 def check_average_choice(average: Any) -> None:
-    """Raises a TypeError unless `average` is None, an int, a float or a
-    `DecaySchedule` (what may name one of an `EMAOptimizer`'s averages)."""
-    if average is not None and (
-        isinstance(average, bool)
-        or not isinstance(average, int | float | schedules.DecaySchedule)
+    """Raises a TypeError unless `average` is None, an int, a float, a
+    `DecaySchedule` (what may name one of an `EMAOptimizer`'s averages) or
+    `"lawa"` (`keras_ema.LAWA`'s)."""
+    if average is None or average == LAWA_AVERAGE:
+        return
+    if isinstance(average, bool) or not isinstance(
+        average, int | float | schedules.DecaySchedule
     ):
         raise TypeError(
-            "`average` must be None, an index, a decay or a DecaySchedule, "
-            f"got {average!r} of type {type(average).__name__}."
+            "`average` must be None, an index, a decay, a DecaySchedule or "
+            f"'lawa', got {average!r} of type {type(average).__name__}."
         )
 
 
@@ -206,6 +210,11 @@ class OptimizerAverages:
         check_average_choice(average)
         if average is None:
             return self._primary
+        if average == LAWA_AVERAGE:
+            raise ValueError(
+                "`average`='lawa' names keras_ema.LAWA's average, not one of "
+                f"this EMAOptimizer's: {self.average_labels}."
+            )
         count = len(self.extra_averages) + 1
         if isinstance(average, int):
             if 0 <= average < count:
