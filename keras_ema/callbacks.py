@@ -11,7 +11,6 @@ import keras
 
 from keras_ema import _compat, schedules
 from keras_ema.advice import JudgingAdvice
-from keras_ema.averager import ExponentialMovingAverage
 from keras_ema.batchnorm import (
     DEFAULT_BATCHNORM_STEPS,
     BatchNormData,
@@ -27,7 +26,11 @@ from keras_ema.holder import (
     optimizer_chain,
     prepare_for_training,
 )
-from keras_ema.optimizer_averages import AverageChoice, check_average_choice
+from keras_ema.optimizer_averages import (
+    AverageChoice,
+    averages_of,
+    check_average_choice,
+)
 from keras_ema.schedule_free import is_schedule_free
 
 EVALUATE_MODES = ("ema", "both", "all")
@@ -75,7 +78,8 @@ class EMASwap(keras.callbacks.Callback):
     taken as the user's: they stay, and are never called the average.
 
     Args:
-        decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`: the
+        decay: Float in [0, 1] or a `keras_ema.schedules.DecaySchedule`, or a
+            list of them (several averages, see `EMAOptimizer`): the
             average to install when the optimizer keeps none. `None` (the
             default) requires the optimizer to keep one. If it keeps one
             configured otherwise, a ValueError names both.
@@ -171,7 +175,7 @@ class EMASwap(keras.callbacks.Callback):
 
     def __init__(
         self,
-        decay: float | schedules.DecaySchedule | None = None,
+        decay: float | schedules.DecaySchedule | list | None = None,
         update_every: int = 1,
         start_step: int = 0,
         evaluate: str = "ema",
@@ -194,9 +198,7 @@ class EMASwap(keras.callbacks.Callback):
             self._install_config = None
         else:
             # Validates the arguments now, before any training.
-            ExponentialMovingAverage(
-                decay=decay, update_every=update_every, start_step=start_step
-            )
+            averages_of(decay, **_installed_rule(update_every, start_step))
             self._install_config = {
                 "decay": decay,
                 "update_every": update_every,
@@ -277,17 +279,16 @@ class EMASwap(keras.callbacks.Callback):
         config = self._install_config
         ema_optimizer = ema_optimizer_of(self.model)
         if ema_optimizer is not None:
-            averager = ema_optimizer.averager
-            if config is not None and _differs(averager, config):
+            if config is not None and _differs(ema_optimizer, config):
+                averager = ema_optimizer.averager
                 raise ValueError(
                     "The model already keeps an average, keras_ema.EMAOptimizer("
-                    f"decay={averager.schedule!r}, update_every="
-                    f"{averager.update_every}, start_step={averager.start_step}),"
-                    f" and EMASwap(decay={config['decay']!r}, update_every="
-                    f"{config['update_every']}, start_step="
-                    f"{config['start_step']}) would not change it. Pass "
-                    "`EMASwap()` to use the model's average, or compile with "
-                    "the EMAOptimizer you want."
+                    f"decay={_decays_text(ema_optimizer.averages)}, update_every="
+                    f"{averager.update_every}), and EMASwap(decay="
+                    f"{config['decay']!r}, update_every={config['update_every']}, "
+                    f"start_step={config['start_step']}) would not change it. "
+                    "Pass `EMASwap()` to use the model's average, or compile "
+                    "with the EMAOptimizer you want."
                 )
             return False
         chain = optimizer_chain(getattr(self.model, "optimizer", None))
@@ -484,14 +485,39 @@ def _check_keras_average(optimizer, config, swap_on_epoch):
         )
 
 
-def _differs(averager, config) -> bool:
-    wanted = ExponentialMovingAverage(**config)
-    return (
-        keras.saving.serialize_keras_object(averager.schedule)
-        != keras.saving.serialize_keras_object(wanted.schedule)
-        or averager.update_every != wanted.update_every
-        or averager.start_step != wanted.start_step
+def _installed_rule(update_every, start_step) -> dict:
+    """The step rule of the average `EMASwap(decay=...)` installs."""
+    return dict(
+        update_every=update_every,
+        start_step=start_step,
+        init="weights",
+        shadow_dtype="float32",
     )
+
+
+def _differs(optimizer, config) -> bool:
+    """Whether `optimizer`'s averages are not those `config` would install."""
+    wanted, _ = averages_of(
+        config["decay"],
+        **_installed_rule(config["update_every"], config["start_step"]),
+    )
+
+    def rules(averages):
+        return [
+            (
+                keras.saving.serialize_keras_object(a.schedule),
+                a.update_every,
+                a.start_step,
+            )
+            for a in averages
+        ]
+
+    return rules(optimizer.averages) != rules(wanted)
+
+
+def _decays_text(averages) -> str:
+    decays = [a.schedule for a in averages]
+    return repr(decays[0] if len(decays) == 1 else decays)
 
 
 class EMACheckpoint(_compat.CheckpointWithSaveHook):

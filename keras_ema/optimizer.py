@@ -206,6 +206,7 @@ class EMAOptimizer(
         # Tracked, so that tf.train.Checkpoint saves them with the optimizer.
         self.extra_averages = averages[1:]
         self.anchors = anchors
+        self._start_step = start_step
         self.non_trainable = non_trainable
         # Float non-trainable state (BatchNorm's moving statistics) has its
         # own average, with the same configuration and steps; integer state
@@ -386,6 +387,9 @@ class EMAOptimizer(
             )
         averager_config = self.averager.get_config()
         del averager_config["name"]
+        # A BEMA average starts at its burn-in; the optimizer's own
+        # start_step is what was passed.
+        averager_config["start_step"] = self._start_step
         if self.extra_averages:
             averager_config["decay"] = [
                 keras.saving.serialize_keras_object(a.schedule) for a in self.averages

@@ -231,3 +231,17 @@ def test_bema_config_round_trip():
     clone = keras_ema.EMAOptimizer.from_config(optimizer.get_config())
     assert clone.average_labels == optimizer.average_labels
     assert clone.average_labels[1] == "bema_burn_in7_kappa0.4_eta0.3_rho5.0_gamma2.0"
+
+
+def test_bema_alone_saves_loads_and_refits(tmp_path):
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    swap = keras_ema.EMASwap(decay=keras_ema.schedules.BEMA(burn_in=BURN_IN))
+    fit_quietly(model, [swap])
+    fit_quietly(model, [swap])  # the same callback again: the same average
+    path = tmp_path / "bema.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.average_labels == [f"bema_burn_in{BURN_IN}"]
+    assert loaded.optimizer.get_config()["start_step"] == 0
+    assert_bit_equal(held(loaded, None), held(model, None))

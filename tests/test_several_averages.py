@@ -427,3 +427,15 @@ def test_several_averages_under_mirrored_strategy(tmp_path):
         np.testing.assert_allclose(
             mirrored["history"][key], single["history"][key], atol=1e-5
         )
+
+
+def test_emaswap_installs_several_averages():
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    swap = keras_ema.EMASwap(decay=[0.5, 0.9], evaluate="all", select="val_loss")
+    history = fit_quietly(model, [swap])
+    fit_quietly(model, [swap])  # again: the same averages, no error
+    assert {"val_loss_ema0.5", "val_loss_ema0.9"} <= set(history.history)
+    assert model.optimizer.average_labels == ["ema0.5", "ema0.9"]
+    with pytest.raises(ValueError, match="already keeps an average"):
+        fit_quietly(model, [keras_ema.EMASwap(decay=[0.5, 0.99])])
