@@ -556,11 +556,25 @@ class WeightHolder:
         # else wrote the weights in the block (they are the user's then).
         source = self.require_source(average)
         outer = self._swap
-        statistics = [
-            v for v in batchnorm_statistics(self.model) if batchnorm is not None
-        ]
-        inner = ExactSwap(outer.variables + statistics, "another average")
-        inner.swap_in(served(source, outer.kept) + [v.value for v in statistics])
+        raw = {id(v): value for v, value in zip(outer.variables, outer.kept)}
+        wanted = dict(
+            zip(
+                map(id, source.variables),
+                served(source, [raw.get(id(v), v.value) for v in source.variables]),
+            )
+        )
+        # The held average's variables take the one asked for, or their raw
+        # values where it does not average them (an EMA of the trainable
+        # variables over LAWA's mean of all of them); its other variables,
+        # and the statistics to recompute, come back after the block too.
+        variables = outer.variables + [v for v in source.variables if id(v) not in raw]
+        if batchnorm is not None:
+            known = set(map(id, variables))
+            variables += [
+                v for v in batchnorm_statistics(self.model) if id(v) not in known
+            ]
+        inner = ExactSwap(variables, "another average")
+        inner.swap_in([wanted.get(id(v), raw.get(id(v), v.value)) for v in variables])
         saved = (self._source, self._digest, self.held_by)
         self._source, self.held_by = source, held_by
         if batchnorm is not None:

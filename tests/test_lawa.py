@@ -180,3 +180,38 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="`average`"):
         with keras_ema.ema_weights(model, average="LAWA"):
             pass
+
+
+def test_an_ema_goes_in_over_the_held_mean_and_back():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+    optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(0.05), decay=0.9)
+    model.compile(optimizer=optimizer, loss="mse")
+    fit_quietly(model, [keras_ema.LAWA(k=2)], epochs=2, validation=False)
+    holder = WeightHolder.of(model)
+    assert holder.holds_average and holder.held_by == "LAWA"
+    mean = values(model.weights)
+    keras_ema.EMASwap.restore_raw_weights(model)
+    raw = values(model.weights)
+    holder.swap_in("LAWA", average="lawa")
+    with keras_ema.ema_weights(model, average=0):
+        inside = dict(zip([v.path for v in model.weights], values(model.weights)))
+    # The EMA's weights, and the raw model's statistics (the EMA does not
+    # average them), not LAWA's.
+    for variable, shadow in zip(
+        optimizer.averager.averaged_variables, optimizer.averager.shadows
+    ):
+        assert_bit_equal([inside[variable.path]], [shadow.numpy()])
+    for variable, value in zip(model.weights, raw):
+        if not variable.trainable:
+            assert_bit_equal([inside[variable.path]], [value])
+    assert_bit_equal(values(model.weights), mean)  # the mean back, exactly
+    keras_ema.EMASwap.restore_raw_weights(model)
+    assert_bit_equal(values(model.weights), raw)
