@@ -170,6 +170,27 @@ def serve(path, x):
     )
 
 
+# The start of a script run in a fresh process (`run_python("-c", ...)`)
+# with two logical CPUs, for tf.distribute.MirroredStrategy.
+TWO_LOGICAL_CPUS = """
+import json, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np, keras_ema
+"""
+
+
+def last_json_line(result):
+    """The JSON a `run_python` script printed last; fails with its stderr."""
+    import json
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_python(*args, timeout=600):
     """Runs `python *args` in a fresh process; returns the CompletedProcess."""
     import subprocess

@@ -43,6 +43,18 @@ def mean_of(weights):
     ]
 
 
+def batchnorm_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
 def mse(prediction, y):
     return float(np.mean((np.asarray(prediction, np.float64) - y) ** 2))
 
@@ -124,15 +136,7 @@ def test_export_serves_the_mean(tmp_path):
 
 
 def test_batchnorm_statistics_are_averaged_too():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(1),
-        ]
-    )
+    model = batchnorm_model()
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
 
     class RecordAll(keras.callbacks.Callback):
@@ -183,15 +187,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_an_ema_goes_in_over_the_held_mean_and_back():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(1),
-        ]
-    )
+    model = batchnorm_model()
     optimizer = keras_ema.EMAOptimizer(keras.optimizers.Adam(0.05), decay=0.9)
     model.compile(optimizer=optimizer, loss="mse")
     fit_quietly(model, [keras_ema.LAWA(k=2)], epochs=2, validation=False)

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import (
+    TWO_LOGICAL_CPUS,
     RecordWeights,
+    last_json_line,
     make_data,
     make_model,
     max_error,
     reference_average,
+    run_python,
     tensorflow_only,
 )
 
@@ -380,15 +383,7 @@ def test_custom_loop_apply_and_jit():
     assert max_error(got, expected) < 1e-6
 
 
-MIRRORED_SCRIPT = """
-import json, os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np, keras_ema
-
+MIRRORED_SCRIPT = TWO_LOGICAL_CPUS + """
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 6)).astype("float32")
 y = rng.normal(size=(64, 1)).astype("float32")
@@ -423,19 +418,7 @@ print(json.dumps(out))
 def test_mirrored_strategy_fit():
     """Two logical CPUs: mirrored shadows, identical on both replicas, equal
     to a single-device run with the same global batch."""
-    import json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = last_json_line(run_python("-c", MIRRORED_SCRIPT, timeout=300))
     for runs in out.values():
         single, single_step = runs["single"]
         mirrored, mirrored_step = runs["mirrored"]

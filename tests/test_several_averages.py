@@ -12,15 +12,18 @@ import keras
 import numpy as np
 import pytest
 from helpers import (
+    TWO_LOGICAL_CPUS,
     RecordFirstBatch,
     RecordWeights,
     assert_bit_equal,
     fit_quietly,
+    last_json_line,
     learnable_data,
     make_model,
     max_error,
     predict_with,
     reference_average,
+    run_python,
     serve,
     tensorflow_only,
     values,
@@ -363,15 +366,9 @@ def test_export_refuses_an_average_with_raw_weights(tmp_path):
 
 # --------------------------------------------------------------- distributed
 
-MIRRORED_SCRIPT = """
-import json, os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np, keras_ema
-
+MIRRORED_SCRIPT = (
+    TWO_LOGICAL_CPUS
+    + """
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 6)).astype("float32")
 y = np.tanh(x[:, :1]).astype("float32")
@@ -397,25 +394,12 @@ print(json.dumps({
     "mirrored": run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
 }))
 """
+)
 
 
 @tensorflow_only("tf.distribute.MirroredStrategy")
-def test_several_averages_under_mirrored_strategy(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    script = tmp_path / "script.py"
-    script.write_text(MIRRORED_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+def test_several_averages_under_mirrored_strategy():
+    out = last_json_line(run_python("-c", MIRRORED_SCRIPT, timeout=300))
     single, mirrored = out["single"], out["mirrored"]
     for average_single, average_mirrored in zip(single["shadows"], mirrored["shadows"]):
         for (reference,), replicas in zip(average_single, average_mirrored):
