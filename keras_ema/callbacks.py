@@ -118,8 +118,9 @@ class EMASwap(keras.callbacks.Callback):
             `"val_accuracy"`): at the end of `fit` the average that scored
             best on it in the last validation becomes the optimizer's
             primary average (the one `ema_weights`, export, `EMACheckpoint`
-            and later validations use); the choice is printed and kept in
-            `selected_average` (its label). `None`: no selection.
+            and later validations use); the choice is kept in
+            `selected_average` (its label), and printed unless `fit` runs
+            with `verbose=0`. `None`: no selection.
         select_mode: `"min"`, `"max"`, or `"auto"` (`"max"` for metrics
             named like accuracy, AUC, precision, recall, F1 or IoU, else
             `"min"`).
@@ -404,6 +405,8 @@ class EMASwap(keras.callbacks.Callback):
         scores = ", ".join(
             f"{labels[i]} {score:.6g}" for i, score in sorted(self._scores.items())
         )
+        if not self.params.get("verbose", 1):
+            return best != previous
         print(
             f"EMASwap: the primary average is now {labels[best]} (best "
             f"{self.select}, {mode}, in the last validation: {scores})."

@@ -73,3 +73,21 @@ def test_several_averages_quick():
         assert column in out, out[-3000:]
     assert "tf.train K=3" in out and 'evaluate="all"' in out, out[-3000:]
     assert "val_loss_ema0.99" in out, out[-3000:]
+
+
+@TENSORFLOW_SCRIPT
+def test_averaging_length_quick():
+    out = run_quick("averaging_length.py")
+    for task in ("A", "B"):
+        for title in ("per seed, test accuracy", "test accuracy (%), mean ± std"):
+            assert f"### Task {task}: {title}" in out, out[-3000:]
+        assert f"### Task {task}: ScheduleFreeAdamW" in out, out[-3000:]
+        assert f"### Task {task}: reading" in out, out[-3000:]
+    for row in (
+        "selected on validation (val_loss)",
+        "LAWA k=5",
+        "bema_burn_in0",
+        "JAX, built by fit",  # the subprocess ran
+    ):
+        assert row in out, out[-3000:]
+    assert "all checks passed: True" in out, out[-3000:]
