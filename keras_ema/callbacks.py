@@ -394,22 +394,22 @@ class EMASwap(keras.callbacks.Callback):
             return False
         mode = self.select_mode
         if mode == "auto":
-            name = self.select.lower()
+            name = str(self.select).lower()
             mode = "max" if any(m in name for m in _HIGHER_IS_BETTER) else "min"
-        pick = max if mode == "max" else min
-        best = pick(self._scores, key=self._scores.get)
+        scores = self._scores
+        best = (max if mode == "max" else min)(scores, key=lambda i: scores[i])
         labels = optimizer.average_labels
         previous = optimizer.primary
         optimizer.select_average(best)
         self.selected_average = labels[best]
-        scores = ", ".join(
-            f"{labels[i]} {score:.6g}" for i, score in sorted(self._scores.items())
+        listed = ", ".join(
+            f"{labels[i]} {score:.6g}" for i, score in sorted(scores.items())
         )
         if not self.params.get("verbose", 1):
             return best != previous
         print(
             f"EMASwap: the primary average is now {labels[best]} (best "
-            f"{self.select}, {mode}, in the last validation: {scores})."
+            f"{self.select}, {mode}, in the last validation: {listed})."
         )
         return best != previous
 

@@ -170,6 +170,11 @@ class AverageSource:
 _CONFIG_KEYS = ("decay", "update_every", "start_step", "init", "shadow_dtype")
 
 
+# Where a model's average can live: an EMAOptimizer or Keras's use_ema
+# (AverageSource), a ScheduleFreeAdamW's x, or LAWA's latest weights.
+Source = AverageSource | ScheduleFreeSource | LatestWeights
+
+
 def _decay_text(schedule) -> str:
     config = schedule.get_config()
     if type(schedule).__name__ == "Constant":
@@ -190,9 +195,7 @@ def served(source, raw: Sequence | None = None) -> list:
     return served_values(source.variables, shadows)
 
 
-def find_source(
-    model, average: AverageChoice = None
-) -> AverageSource | ScheduleFreeSource | LatestWeights | None:
+def find_source(model, average: AverageChoice = None) -> Source | None:
     """The model's average, or None if it keeps none (yet).
 
     `average` picks one of an `EMAOptimizer`'s averages (see
@@ -227,7 +230,7 @@ def find_source(
             averager,
             optimizer.anchor_of(index),
         )
-    source: AverageSource | ScheduleFreeSource | None = None
+    source: Source | None = None
     for candidate in optimizer_chain(getattr(model, "optimizer", None)):
         if getattr(candidate, "use_ema", False) and getattr(candidate, "built", False):
             variables, shadows = _compat.keras_use_ema_pairs(candidate)
@@ -302,7 +305,7 @@ class WeightHolder:
         self.emaswap_in_fit = False
         self._warned_custom_compile = False
         self._swap: ExactSwap | None = None
-        self._source: AverageSource | None = None
+        self._source: Source | None = None
         self._digest: bytes | None = None
         # The raw model's BatchNorm statistics, kept aside while the average
         # is in (unless they are averaged, and so in `_swap`): statistics
@@ -337,15 +340,11 @@ class WeightHolder:
 
     # -------------------------------------------------------------- looking
 
-    def source(
-        self, average: AverageChoice = None
-    ) -> AverageSource | ScheduleFreeSource | None:
+    def source(self, average: AverageChoice = None) -> Source | None:
         """The model's average (see `find_source`)."""
         return find_source(self.model, average)
 
-    def require_source(
-        self, average: AverageChoice = None
-    ) -> AverageSource | ScheduleFreeSource:
+    def require_source(self, average: AverageChoice = None) -> Source:
         """The model's average; a ValueError saying what to do if none."""
         source = self.source(average)
         if source is None:
@@ -382,7 +381,7 @@ class WeightHolder:
         the average is in: those win, and the kept raw weights are dropped.
         """
         source = self.source()
-        if source is not None and source.kind == "keras_ema":
+        if isinstance(source, AverageSource) and source.kind == "keras_ema":
             loaded = source.optimizer.take_loaded_hold()
             if loaded is not None:
                 source = self.require_source(loaded.average)
@@ -556,6 +555,7 @@ class WeightHolder:
         # else wrote the weights in the block (they are the user's then).
         source = self.require_source(average)
         outer = self._swap
+        assert outer is not None, "called holding an average"
         raw = {id(v): value for v, value in zip(outer.variables, outer.kept)}
         wanted = dict(
             zip(
@@ -629,7 +629,11 @@ class WeightHolder:
             self._warned_custom_compile = True
         self.reconcile()
         source = self._source
-        if self._swap is None or source is None or source.optimizer is not optimizer:
+        if (
+            self._swap is None
+            or not isinstance(source, AverageSource)
+            or source.optimizer is not optimizer
+        ):
             return None
         raw = list(self._swap.kept)
         count = len(optimizer.averager.shadows)

@@ -107,6 +107,10 @@ class LAWA(keras.callbacks.Callback):
     def _holder(self) -> WeightHolder:
         return WeightHolder.of(self.model)
 
+    @property
+    def _store(self) -> LatestWeights:
+        return LatestWeights.attach(self.model, self.k)
+
     def on_train_begin(self, logs: Any = None) -> None:
         if any(isinstance(c, EMASwap) for c in _running_callbacks(self)):
             raise ValueError(
@@ -125,7 +129,7 @@ class LAWA(keras.callbacks.Callback):
 
     def on_test_begin(self, logs: Any = None) -> None:
         if self._in_fit:
-            LatestWeights.of(self.model).record(self._epoch)
+            self._store.record(self._epoch)
         self._swapped_here = self._holder.swap_in(HELD_BY_LAWA, average="lawa")
 
     def on_test_end(self, logs: Any = None) -> None:
@@ -137,7 +141,7 @@ class LAWA(keras.callbacks.Callback):
     on_predict_end = on_test_end
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        LatestWeights.of(self.model).record(epoch)  # no validation this epoch
+        self._store.record(epoch)  # if there was no validation this epoch
         if logs is not None and self.evaluate == "both":
             validation = any(key.startswith("val_") for key in logs)
             if validation:
@@ -146,7 +150,7 @@ class LAWA(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = self._holder.emaswap_in_fit = False
-        if self.on_train_end_mode == "average" and LatestWeights.of(self.model).step:
+        if self.on_train_end_mode == "average" and self._store.step:
             self._holder.swap_in(HELD_BY_LAWA, average="lawa")
 
 

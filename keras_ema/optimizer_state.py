@@ -197,6 +197,7 @@ class AverageSaving:
     averager: Any
     extra_averages: list
     anchors: list
+    _primary: int
     non_trainable_averager: Any
 
     if TYPE_CHECKING:
